@@ -1,0 +1,112 @@
+"""Tokenizers: a built-in byte-level one (needs no files) and the official families.
+
+`load_tokenizer(spec)` accepts:
+  - "byte"                      the byte-level tokenizer of the demo checkpoints (256 bytes + BOS/EOS/PAD)
+  - a folder with tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face tokenizers)
+  - a path to one of those files
+Every tokenizer exposes the same small interface: encode(text) -> list[int] without special tokens,
+decode(ids) -> str, bos_id, eos_id, vocab_size, name. BOS is never added implicitly: whether a sequence
+starts with BOS is the caller's explicit policy (the official pipelines differ, see the checkpoint spec).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol, Sequence
+
+
+class Tokenizer(Protocol):
+    name: str
+    bos_id: int | None
+    eos_id: int | None
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255; 256 = BOS, 257 = EOS, 258 = PAD. Lossless, no files needed."""
+
+    name = "byte"
+    bos_id = 256
+    eos_id = 257
+    pad_id = 258
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self.name = str(path)
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.vocab_size = self.sp.vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    """tokenizer.json through `tokenizers`; BOS/EOS from tokenizer_config.json when present."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as _Tok
+
+        self.name = str(path)
+        self.tok = _Tok.from_file(str(path))
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        bos, eos = None, None
+        cfg_path = path.parent / "tokenizer_config.json"
+        if cfg_path.exists():
+            cfg = json.loads(cfg_path.read_text())
+            bos, eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
+        self.bos_id = self.tok.token_to_id(bos) if bos else self.tok.token_to_id("<s>")
+        self.eos_id = self.tok.token_to_id(eos) if eos else self.tok.token_to_id("</s>")
+
+    def encode(self, text: str) -> list[int]:
+        # The post-processor of Llama-style files inserts <s>; BOS is the caller's decision, so skip it.
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _token_str(tok: object) -> str | None:
+    if isinstance(tok, dict):  # AddedToken serialised as a dict
+        return tok.get("content")
+    return tok if isinstance(tok, str) else None
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """Load a tokenizer from "byte", a folder, or a tokenizer.model / tokenizer.json file."""
+    if str(spec) == "byte":
+        return ByteTokenizer()
+    path = Path(spec)
+    if path.is_dir():
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (path / name).exists():
+                return load_tokenizer(path / name)
+        raise FileNotFoundError(
+            f"no tokenizer in {path}: expected tokenizer.model or tokenizer.json there "
+            "(pass --tokenizer PATH to use another one)"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer not found: {path} (pass 'byte' or a folder with tokenizer files)")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    raise ValueError(f"unknown tokenizer file {path}: expected tokenizer.model or tokenizer.json")
