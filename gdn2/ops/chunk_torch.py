@@ -1,0 +1,128 @@
+"""Chunkwise gated delta rule-2 in plain torch (chunk length C = 64; the paper's Eqs. 18-25, Appendix A).
+
+Inside a chunk with start state S0 and local cumulative log-decay G_r = sum_{i<=r} g_i:
+    T_rs  = sum_j b_r[j] k_r[j] k_s[j] exp(G_r[j] - G_s[j])    s < r
+    A     = (I + T)^-1                                        unit lower triangular
+    Y     = A (exp(G) * b * k)        U = A (w * v)           one A, two right-hand sides
+    R     = U - Y S0                                          the chunk's delta rows
+    O     = (exp(G) * q) S0 + Aqk R   Aqk_rs = sum_j q_r[j] k_s[j] exp(G_r[j] - G_s[j]),  s <= r
+    S_end = Diag(exp(G_C)) S0 + (exp(G_C - G) * k)^T R
+Decay ratios are always exp of a difference (never exp(G) / exp(G')), so chunks with strong decay
+(g near -20 per token, G near -1300) stay finite and exact. Everything intra-chunk is batched over chunks;
+only the S0 -> S_end hand-off is a loop over chunks.
+"""
+from __future__ import annotations
+
+import torch
+
+from gdn2.ops.utils import expand_heads, l2norm
+
+CHUNK = 64
+_MAX_PAIRWISE_ELEMENTS = 1 << 25  # bounds the [.., C, C, dk] decay tensor built per group of chunks
+
+
+def chunk_gdn2_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same contract as `gdn2.ops.gated_delta_rule2`; see its docstring."""
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, g, b, w, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm)
+    B, T, H, dk = q.shape
+    HV, dv = v.shape[2], v.shape[3]
+    scale = dk**-0.5 if scale is None else scale
+    out_dtype = v.dtype
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q, k, g, b = (expand_heads(x.to(acc), HV) for x in (q, k, g, b))
+    v, w = v.to(acc), w.to(acc)
+    q = q * scale
+
+    NC = max(1, -(-T // CHUNK))
+    pad = NC * CHUNK - T  # zero k and zero g leave the state untouched, so padding is exact
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, HV, d] -> [B, HV, NC, C, d]
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.transpose(1, 2).reshape(B, HV, NC, CHUNK, x.shape[-1])
+
+    q, k, v, g, b, w = map(chunks, (q, k, v, g, b, w))
+    G = g.cumsum(-2)
+
+    Y, U, Aqk = _intra_chunk(q, k, b, v * w, G)
+    Qg = q * G.exp()
+    Ktail = k * (G[..., -1:, :] - G).exp()
+    decay_end = G[..., -1, :].exp()  # [B, HV, NC, dk]
+
+    S = torch.zeros(B, HV, dk, dv, dtype=acc, device=v.device)
+    if initial_state is not None:
+        S = initial_state.to(acc).clone()
+    o = torch.empty(B, HV, NC, CHUNK, dv, dtype=acc, device=v.device)
+    for c in range(NC):
+        R = U[:, :, c] - Y[:, :, c] @ S
+        o[:, :, c] = Qg[:, :, c] @ S + Aqk[:, :, c] @ R
+        S = decay_end[:, :, c, :, None] * S + Ktail[:, :, c].transpose(-1, -2) @ R
+    o = o.reshape(B, HV, NC * CHUNK, dv)[:, :, :T].transpose(1, 2)
+    final = S if output_final_state else None
+    if final is not None and acc != torch.float64:
+        final = final.float()
+    return o.to(out_dtype), final
+
+
+def _intra_chunk(q, k, b, z, G):
+    """Y = A (e^G b k), U = A z and the causal q-k decay matrix, batched over chunks in bounded groups."""
+    *lead, NC, C, dk = k.shape
+    per_chunk = C * C * dk * max(1, int(torch.tensor(lead).prod()))
+    step = max(1, _MAX_PAIRWISE_ELEMENTS // per_chunk)
+    incl = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    strict = incl.tril(-1)
+    eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    Ys, Us, Aqks = [], [], []
+    for c0 in range(0, NC, step):
+        sl = slice(c0, c0 + step)
+        Gc, kc = G[..., sl, :, :], k[..., sl, :, :]
+        diff = Gc[..., :, None, :] - Gc[..., None, :, :]  # [.., C(r), C(s), dk] = G_r - G_s
+        decay = diff.masked_fill(~incl[:, :, None], float("-inf")).exp()
+        kd = decay * kc[..., None, :, :]  # k_s[j] exp(G_r[j] - G_s[j])
+        Tm = torch.einsum("...rj,...rsj->...rs", b[..., sl, :, :] * kc, kd) * strict
+        Aqk = torch.einsum("...rj,...rsj->...rs", q[..., sl, :, :], kd)
+        rhs = torch.cat([Gc.exp() * b[..., sl, :, :] * kc, z[..., sl, :, :]], dim=-1)
+        sol = torch.linalg.solve_triangular(eye + Tm, rhs, upper=False, unitriangular=True)
+        Ys.append(sol[..., :dk])
+        Us.append(sol[..., dk:])
+        Aqks.append(Aqk)
+    return torch.cat(Ys, -3), torch.cat(Us, -3), torch.cat(Aqks, -3)
+
+
+def _varlen(q, k, v, g, b, w, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
+    """Packed sequences -> a zero-padded dense batch (exact, see above) -> packed outputs."""
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B={q.shape[0]}")
+    cu = cu_seqlens.tolist()
+    lengths = [b_ - a for a, b_ in zip(cu, cu[1:])]
+    N, Tmax = len(lengths), max(lengths) if lengths else 0
+    idx = torch.zeros(N, Tmax, dtype=torch.long, device=q.device)
+    valid = torch.zeros(N, Tmax, dtype=torch.bool, device=q.device)
+    for n, (start, L) in enumerate(zip(cu, lengths)):
+        idx[n, :L] = torch.arange(start, start + L, device=q.device)
+        valid[n, :L] = True
+
+    def dense(x: torch.Tensor) -> torch.Tensor:
+        return x[0][idx] * valid[..., None, None].to(x.dtype)
+
+    o, final = chunk_gdn2_torch(
+        *map(dense, (q, k, v, g, b, w)), scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
+    )
+    out = torch.empty(1, q.shape[1], *o.shape[2:], dtype=o.dtype, device=o.device)
+    out[0][idx[valid]] = o[valid]
+    return out, final
