@@ -1,0 +1,303 @@
+"""Layers of the GDN-2 language model, bottom-up: norms, MLP, short convolution, the GDN-2 mixer, SWA attention.
+
+Parameter names equal the official lit_gpt names (q_proj, q_conv1d, f_proj.0, A_log, o_norm, attn.attn, ...), so an
+official state dict loads without renaming. Every layer works on packed sequences: x is [total, d] holding N
+sequences back to back, delimited by cu_seqlens [N + 1]; the state keeps one row per sequence.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gdn2.config import Config
+from gdn2.ops import gated_delta_rule2, gated_delta_rule2_step
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d, hidden, bias=False)  # gate (SiLU)
+        self.w2 = nn.Linear(d, hidden, bias=False)  # up
+        self.w3 = nn.Linear(hidden, d, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class LLaMAMLP(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.swiglu = SwiGLU(config.n_embd, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.swiglu(x)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution (width W) + SiLU: y[t] = silu(sum_j weight[:, 0, j] * x[t - W + 1 + j])."""
+
+    def __init__(self, channels: int, width: int = 4):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(channels, 1, width))
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [total, C] packed; tail [N, W-1, C] the inputs before each sequence. Returns (y, new tail)."""
+        W = self.weight.shape[-1]
+        N, total = tail.shape[0], x.shape[0]
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        seq = torch.repeat_interleave(torch.arange(N, device=x.device), lengths, output_size=total)
+        # Lay each sequence out after its own tail in one buffer, then read W consecutive rows per token.
+        start = cu_seqlens[:-1] + torch.arange(N, device=x.device) * (W - 1)
+        ext = x.new_empty(total + N * (W - 1), x.shape[1])
+        tail_rows = start[:, None] + torch.arange(W - 1, device=x.device)
+        ext[tail_rows.reshape(-1)] = tail.reshape(-1, x.shape[1]).to(x.dtype)
+        local = torch.arange(total, device=x.device) - cu_seqlens[:-1][seq]
+        ext[start[seq] + local + (W - 1)] = x
+        window = ext[(start[seq] + local)[:, None] + torch.arange(W, device=x.device)]  # [total, W, C]
+        y = F.silu((window * self.weight[:, 0, :].t().to(x.dtype)).sum(1))
+        new_tail = ext[(start + lengths)[:, None] + torch.arange(W - 1, device=x.device)]
+        return y, new_tail.to(tail.dtype)
+
+    def step(self, x: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+        """x [B, C] one token per row; updates tail [B, W-1, C] in place."""
+        window = torch.cat([tail.to(x.dtype), x[:, None]], dim=1)
+        tail.copy_(window[:, 1:])
+        return F.silu((window * self.weight[:, 0, :].t().to(x.dtype)).sum(1))
+
+
+def apply_gate_mode(b: torch.Tensor, w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table 5 ablations as run-time transforms of trained gates (b, w already on the value heads).
+
+    scalar_b / scalar_w: the gate's mean over its channels, broadcast back. tied: b = w = the mean of the two
+    scalars (a KDA-style shared beta). expanded_b: b * 2 (erase range [0, 2]).
+    """
+    if mode == "full":
+        return b, w
+    if mode == "scalar_b":
+        return b.mean(-1, keepdim=True).expand_as(b), w
+    if mode == "scalar_w":
+        return b, w.mean(-1, keepdim=True).expand_as(w)
+    if mode == "tied":
+        s = 0.5 * (b.mean(-1, keepdim=True) + w.mean(-1, keepdim=True))
+        return s.expand_as(b), s.expand_as(w)
+    if mode == "expanded_b":
+        return 2 * b, w
+    raise ValueError(f"unknown gate_mode {mode!r}")
+
+
+class GatedDeltaNet2(nn.Module):
+    """The GDN-2 token mixer (paper section 3.5, official `lit_gpt/gdn2.py` parameter layout)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        c = config
+        self.config = c
+        d, H, K, V, HV = c.n_embd, c.gdn2_num_heads, c.head_k, c.head_v, c.num_v_heads
+        self.H, self.K, self.V, self.HV = H, K, V, HV
+        HD = c.num_decay_heads
+        self.q_proj = nn.Linear(d, H * K, bias=False)
+        self.k_proj = nn.Linear(d, H * K, bias=False)
+        self.v_proj = nn.Linear(d, HV * V, bias=False)
+        self.q_conv1d = ShortConv(H * K, c.conv_size)
+        self.k_conv1d = ShortConv(H * K, c.conv_size)
+        self.v_conv1d = ShortConv(HV * V, c.conv_size)
+        if c.decay == "channel":
+            self.f_proj = nn.Sequential(nn.Linear(d, V, bias=False), nn.Linear(V, HD * K, bias=False))
+            self.dt_bias = nn.Parameter(torch.zeros(HD * K))
+        else:  # scalar decay per head (fla Gated DeltaNet)
+            self.a_proj = nn.Linear(d, HD, bias=False)
+            self.dt_bias = nn.Parameter(torch.zeros(HD))
+        self.A_log = nn.Parameter(torch.zeros(HD))
+        if c.beta == "channel":
+            self.b_proj = nn.Linear(d, H * K, bias=False)
+            self.w_proj = nn.Linear(d, HV * V, bias=False)
+        else:  # one beta per value head for erase and write (KDA, Gated DeltaNet)
+            self.b_proj = nn.Linear(d, HV, bias=False)
+        if c.out_gate == "lowrank":
+            self.g_proj = nn.Sequential(nn.Linear(d, V, bias=False), nn.Linear(V, HV * V, bias=True))
+        elif c.out_gate == "full":
+            self.g_proj = nn.Linear(d, HV * V, bias=False)
+        self.o_norm = RMSNorm(V, eps=c.norm_eps)
+        self.o_proj = nn.Linear(HV * V, d, bias=False)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        W = self.config.conv_size
+        return {"S": (self.HV, self.K, self.V), "conv": (W - 1, 2 * self.H * self.K + self.HV * self.V)}
+
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-decay g [.., HD, K] fp32, erase b [.., H|HV, K], write w [.., HV, V] from the normed input."""
+        c, K, V, HV = self.config, self.K, self.V, self.HV
+        HD = c.num_decay_heads
+        if c.decay == "channel":
+            pre = self.f_proj(x).float().unflatten(-1, (HD, K)) + self.dt_bias.float().view(HD, K)
+        else:
+            pre = (self.a_proj(x).float() + self.dt_bias.float())[..., None].expand(*x.shape[:-1], HD, K)
+        g = -self.A_log.float().exp()[:, None] * F.softplus(pre)
+        if c.beta == "channel":
+            b = torch.sigmoid(self.b_proj(x)).unflatten(-1, (self.H, K))
+            w = torch.sigmoid(self.w_proj(x)).unflatten(-1, (HV, V))
+            if c.allow_neg_eigval:
+                b = 2 * b
+        else:
+            beta = torch.sigmoid(self.b_proj(x))
+            if c.allow_neg_eigval:
+                beta = 2 * beta
+            b = beta[..., None].expand(*beta.shape, K)
+            w = beta[..., None].expand(*beta.shape, V)
+        if c.gate_mode != "full":
+            b = b if b.shape[-2] == HV else b.repeat_interleave(HV // b.shape[-2], dim=-2)
+            b, w = apply_gate_mode(b, w, c.gate_mode)
+        return g, b.contiguous(), w.contiguous()
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm, times the activated output gate, then o_proj. o [.., HV, V]."""
+        o = self.o_norm(o)
+        if self.config.out_gate != "none":
+            gate = self.g_proj(x).unflatten(-1, (self.HV, self.V)).float()
+            act = gate * torch.sigmoid(gate) if self.config.gate_act == "swish" else torch.sigmoid(gate)
+            o = (o.float() * act).to(x.dtype)
+        return self.o_proj(o.flatten(-2))
+
+    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], cu_seqlens: torch.Tensor,
+                backend: str = "auto") -> torch.Tensor:
+        """x [total, d] packed; updates state["S"] and state["conv"] to the end of every sequence."""
+        KD = self.H * self.K
+        tails = state["conv"]
+        q, tq = self.q_conv1d(self.q_proj(x), tails[..., :KD], cu_seqlens)
+        k, tk = self.k_conv1d(self.k_proj(x), tails[..., KD:2 * KD], cu_seqlens)
+        v, tv = self.v_conv1d(self.v_proj(x), tails[..., 2 * KD:], cu_seqlens)
+        state["conv"] = torch.cat([tq, tk, tv], dim=-1)
+        g, b, w = self._gates(x)
+        o, state["S"] = gated_delta_rule2(
+            q.unflatten(-1, (self.H, self.K))[None], k.unflatten(-1, (self.H, self.K))[None],
+            v.unflatten(-1, (self.HV, self.V))[None], g[None], b[None], w[None],
+            initial_state=state["S"], output_final_state=True, cu_seqlens=cu_seqlens,
+            use_qk_l2norm=True, backend=backend,
+        )
+        return self._output(o[0], x)
+
+    def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], backend: str = "auto") -> torch.Tensor:
+        """x [B, d], one token per row; updates the state in place."""
+        KD = self.H * self.K
+        tails = state["conv"]
+        tq, tk, tv = tails[..., :KD].clone(), tails[..., KD:2 * KD].clone(), tails[..., 2 * KD:].clone()
+        q = self.q_conv1d.step(self.q_proj(x), tq)
+        k = self.k_conv1d.step(self.k_proj(x), tk)
+        v = self.v_conv1d.step(self.v_proj(x), tv)
+        tails.copy_(torch.cat([tq, tk, tv], dim=-1))
+        g, b, w = self._gates(x)
+        o = gated_delta_rule2_step(
+            q.unflatten(-1, (self.H, self.K)), k.unflatten(-1, (self.H, self.K)),
+            v.unflatten(-1, (self.HV, self.V)), g, b, w, state["S"], use_qk_l2norm=True, backend=backend,
+        )
+        return self._output(o, x)
+
+
+def rotate(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
+    """GPT-NeoX half-split rotary embedding over the whole head. x [.., T, nh, hs], pos [.., T] absolute."""
+    hs = x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, hs // 2, device=x.device, dtype=torch.float32) * 2 / hs)
+    ang = pos.float()[..., None] * inv_freq  # [.., T, hs/2]
+    cos, sin = ang.cos()[..., None, :], ang.sin()[..., None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Sliding-window softmax attention with RoPE; query i sees keys i - window + 1 .. i (flash-attn convention)."""
+
+    Q_BLOCK = 1024  # queries per attention call in prefill: bounds the score matrix for long prompts
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.nh, self.hs = config.n_head, config.n_embd // config.n_head
+        self.attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # interleaved per head: q, k, v
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.window = config.local_window
+        self.cache_len = max(1, config.local_window - 1)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"k": (self.cache_len, self.nh, self.hs), "v": (self.cache_len, self.nh, self.hs)}
+
+    def _qkv(self, x: torch.Tensor, pos: torch.Tensor):
+        qkv = self.attn(x).unflatten(-1, (self.nh, 3, self.hs))
+        q, k, v = qkv.unbind(-2)
+        base = self.config.rope_base
+        return rotate(q, pos, base), rotate(k, pos, base), v
+
+    def _cached_positions(self, n_seen: torch.Tensor) -> torch.Tensor:
+        """Absolute position held by every ring slot (negative when the slot is still empty). [N, cache_len]"""
+        Wc = self.cache_len
+        slots = torch.arange(Wc, device=n_seen.device)
+        last = n_seen[:, None] - 1
+        return last - torch.remainder(last - slots, Wc)
+
+    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], cu_seqlens: torch.Tensor,
+                pos0: torch.Tensor) -> torch.Tensor:
+        """x [total, d] packed; pos0 [N] tokens each row had consumed before; updates the ring buffers."""
+        cu = cu_seqlens.tolist()
+        outs = []
+        Wc = self.cache_len
+        cache_pos = self._cached_positions(pos0)
+        for n in range(len(cu) - 1):
+            L = cu[n + 1] - cu[n]
+            p = int(pos0[n]) + torch.arange(L, device=x.device)
+            q, k, v = self._qkv(x[cu[n]:cu[n + 1]], p)
+            keys = torch.cat([state["k"][n].to(k.dtype), k])
+            vals = torch.cat([state["v"][n].to(v.dtype), v])
+            kpos = torch.cat([cache_pos[n], p])
+            kvalid = torch.cat([cache_pos[n] >= 0, torch.ones(L, dtype=torch.bool, device=x.device)])
+            outs.append(self._attend_blocks(q, keys, vals, p, kpos, kvalid))
+            keep = min(L, Wc)  # only the last window-1 keys can be seen by later tokens
+            slots = torch.remainder(p[L - keep:], Wc)
+            state["k"][n].index_copy_(0, slots, k[L - keep:].to(state["k"].dtype))
+            state["v"][n].index_copy_(0, slots, v[L - keep:].to(state["v"].dtype))
+        return self.proj(torch.cat(outs).flatten(-2))
+
+    def _attend_blocks(self, q, keys, vals, qpos, kpos, kvalid):
+        out = []
+        for s in range(0, q.shape[0], self.Q_BLOCK):
+            qp = qpos[s:s + self.Q_BLOCK]
+            mask = kvalid & (kpos[None, :] <= qp[:, None]) & (kpos[None, :] > qp[:, None] - self.window)
+            cols = mask.any(0).nonzero().squeeze(-1)  # only keys some query of the block can see
+            lo, hi = int(cols.min()), int(cols.max()) + 1
+            o = F.scaled_dot_product_attention(
+                q[s:s + self.Q_BLOCK].transpose(0, 1), keys[lo:hi].transpose(0, 1), vals[lo:hi].transpose(0, 1),
+                attn_mask=mask[:, lo:hi],
+            )
+            out.append(o.transpose(0, 1))
+        return torch.cat(out)
+
+    def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
+        """x [B, d] at absolute positions pos [B]; attends to the ring buffer plus itself, then stores itself."""
+        q, k, v = self._qkv(x[:, None], pos[:, None])  # [B, 1, nh, hs]
+        cache_pos = self._cached_positions(pos)
+        valid = (cache_pos >= 0) & (cache_pos > pos[:, None] - self.window)
+        keys = torch.cat([state["k"].to(k.dtype), k], dim=1)  # [B, Wc + 1, nh, hs]
+        vals = torch.cat([state["v"].to(v.dtype), v], dim=1)
+        mask = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)  # [B, Wc + 1]
+        scores = torch.einsum("bhd,bjhd->bhj", q[:, 0].float(), keys.float()) / math.sqrt(self.hs)
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        o = torch.einsum("bhj,bjhd->bhd", scores.softmax(-1), vals.float()).to(x.dtype)
+        rows = torch.arange(x.shape[0], device=x.device)
+        slot = torch.remainder(pos, self.cache_len)
+        state["k"][rows, slot] = k[:, 0].to(state["k"].dtype)
+        state["v"][rows, slot] = v[:, 0].to(state["v"].dtype)
+        return self.proj(o.flatten(-2))

@@ -1,0 +1,59 @@
+"""The recurrent state of a batch of sequences, as a first-class object.
+
+Per GDN-2 layer: the fp32 matrix state S [N, HV, dk, dv] and the short-conv tails [N, W-1, channels] (the last
+W-1 conv inputs of q, k and v side by side). Per SWA layer: a ring buffer of rotated keys and values
+[N, window-1, heads, head_size]; the key of absolute position p lives in slot p % (window-1). `pos` [N] counts the
+tokens each row has consumed. Every tensor has the row axis first, so selecting rows, repeating a row n times
+(one context scored against n continuations) and cloning are one uniform operation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class State:
+    layers: list[dict[str, torch.Tensor]]
+    pos: torch.Tensor  # [N] int64, tokens consumed per row
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.pos.shape[0])
+
+    def _map(self, fn) -> "State":
+        return State([{k: fn(t) for k, t in layer.items()} for layer in self.layers], fn(self.pos))
+
+    def clone(self) -> "State":
+        return self._map(torch.clone)
+
+    def select(self, rows: torch.Tensor | list[int]) -> "State":
+        """The state of the given rows (a new State; indices may repeat)."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.pos.device)
+        return self._map(lambda t: t.index_select(0, idx))
+
+    def expand(self, repeats: int | torch.Tensor | list[int]) -> "State":
+        """Repeat row i repeats[i] times (or every row `repeats` times), keeping row order."""
+        reps = torch.as_tensor(repeats, device=self.pos.device)
+        return self._map(lambda t: t.repeat_interleave(reps, dim=0))
+
+    def assign(self, rows: torch.Tensor | list[int], other: "State") -> None:
+        """Write `other`'s rows into these rows, in place."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.pos.device)
+        for mine, theirs in zip(self.layers, other.layers):
+            for k in mine:
+                mine[k].index_copy_(0, idx, theirs[k])
+        self.pos.index_copy_(0, idx, other.pos)
+
+    def to(self, device: torch.device | str) -> "State":
+        return self._map(lambda t: t.to(device))
+
+    @staticmethod
+    def cat(states: list["State"]) -> "State":
+        layers = [{k: torch.cat([s.layers[i][k] for s in states]) for k in states[0].layers[i]}
+                  for i in range(len(states[0].layers))]
+        return State(layers, torch.cat([s.pos for s in states]))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
