@@ -37,6 +37,8 @@ TITLES = {"table2": "Table 2: language modelling and zero-shot commonsense reaso
           "table4": "Table 4: real-world recall (inputs truncated to 2K)",
           "table5": "Table 5: gate ablations (one checkpoint, gate modes)"}
 MISSING = "-"
+# Table 5's rows in the paper: w-only = scalar_b, b-only = scalar_w, GDN-2 = full, expanded b in [0,2] = expanded_b.
+GATE_MODE_ORDER = ("scalar_b", "scalar_w", "full", "expanded_b", "tied")
 
 
 @dataclass(frozen=True)
@@ -161,10 +163,22 @@ def load_paper_tables(path: Path = PAPER_TABLES) -> dict:
         return json.load(f)
 
 
+def _gate_mode(result: CheckpointResult) -> str:
+    return str(result.config.get("gate_mode") or result.label)
+
+
+def _ordered(results: Sequence[CheckpointResult], layout: str) -> list[CheckpointResult]:
+    """Table 5 rows follow the paper's order of gate modes (others after them); other tables keep input order."""
+    if layout != "table5":
+        return list(results)
+    rank = {m: i for i, m in enumerate(GATE_MODE_ORDER)}
+    return sorted(results, key=lambda r: rank.get(_gate_mode(r), len(rank)))
+
+
 def _row_labels(results: Sequence[CheckpointResult], layout: str) -> list[str]:
     if layout != "table5":
         return [r.label for r in results]
-    modes = [str(r.config.get("gate_mode") or r.label) for r in results]
+    modes = [_gate_mode(r) for r in results]
     if len(set(modes)) == len(modes):
         return modes
     return [f"{r.label} ({m})" for r, m in zip(results, modes)]
@@ -174,6 +188,7 @@ def build_table(results: Sequence[CheckpointResult], layout: str, with_paper: bo
     if layout not in COLUMNS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     cols = COLUMNS[layout]
+    results = _ordered(results, layout)
     ours = Block(None, [(label, [cell_value(r, c) for c in cols])
                         for label, r in zip(_row_labels(results, layout), results)])
     blocks = [ours] if ours.rows else []
