@@ -293,9 +293,10 @@ class CausalSelfAttention(nn.Module):
         keys = torch.cat([state["k"].to(k.dtype), k], dim=1)  # [B, Wc + 1, nh, hs]
         vals = torch.cat([state["v"].to(v.dtype), v], dim=1)
         mask = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)  # [B, Wc + 1]
-        scores = torch.einsum("bhd,bjhd->bhj", q[:, 0].float(), keys.float()) / math.sqrt(self.hs)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.einsum("bhd,bjhd->bhj", q[:, 0].to(acc), keys.to(acc)) / math.sqrt(self.hs)
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        o = torch.einsum("bhj,bjhd->bhd", scores.softmax(-1), vals.float()).to(x.dtype)
+        o = torch.einsum("bhj,bjhd->bhd", scores.softmax(-1), vals.to(acc)).to(x.dtype)
         rows = torch.arange(x.shape[0], device=x.device)
         slot = torch.remainder(pos, self.cache_len)
         state["k"][rows, slot] = k[:, 0].to(state["k"].dtype)
