@@ -1,0 +1,138 @@
+"""PNG plots from stored results: the NIAH grid per checkpoint, accuracy-vs-length curves, recall bars.
+
+Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly, never pyplot, so nothing here
+touches matplotlib's global backend or state. Each function writes one PNG and returns its path; with no data to
+plot it raises ValueError naming what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from evals.results import LENGTH_METRIC_RE, CheckpointResult
+from evals.tables import NIAH_HEADERS, NIAH_TASKS, TABLE4, average, cell_value
+
+DPI = 120
+
+
+def safe_filename(label: str) -> str:
+    """A label (which may hold '@', '=' or a 'folder/' prefix) as a plain file-name stem."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+
+
+def _length_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def niah_grid(result: CheckpointResult) -> tuple[list[str], list[int], np.ndarray]:
+    """(tasks, lengths, percent grid with NaN for missing cells) over the ``ruler_*`` tasks this result has."""
+    tasks = [f"ruler_{t}" for t in NIAH_TASKS if f"ruler_{t}" in result.scores]
+    tasks += sorted(t for t in result.scores if t.startswith("ruler_") and t not in tasks)
+    lengths = sorted({int(m) for t in tasks for m in result.scores[t] if LENGTH_METRIC_RE.match(m)})
+    grid = np.full((len(tasks), len(lengths)), np.nan)
+    for i, t in enumerate(tasks):
+        for j, n in enumerate(lengths):
+            value = result.score(t, str(n))
+            if value is not None:
+                grid[i, j] = 100 * value
+    return tasks, lengths, grid
+
+
+def _task_label(task: str) -> str:
+    short = task.removeprefix("ruler_")
+    return NIAH_HEADERS.get(short, short)
+
+
+def _save(fig: Figure, out_path: str | os.PathLike[str]) -> Path:
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def plot_niah_heatmap(result: CheckpointResult, out_path: str | os.PathLike[str]) -> Path:
+    """Task-by-length heatmap of NIAH accuracy (percent) for one checkpoint; missing cells grey."""
+    tasks, lengths, grid = niah_grid(result)
+    if not tasks or not lengths:
+        raise ValueError(f"{result.label} has no NIAH results (ruler_* tasks with per-length metrics) to plot")
+    fig = Figure(figsize=(1.2 + 1.1 * len(lengths), 0.9 + 0.55 * len(tasks)))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    for i in range(len(tasks)):
+        for j in range(len(lengths)):
+            text = "-" if np.isnan(grid[i, j]) else f"{grid[i, j]:.1f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
+    ax.set_yticks(range(len(tasks)), [_task_label(t) for t in tasks])
+    ax.set_xlabel("context length")
+    ax.set_title(f"NIAH accuracy (%): {result.label}")
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    return _save(fig, out_path)
+
+
+def plot_niah_curves(results: Sequence[CheckpointResult], out_path: str | os.PathLike[str]) -> Path:
+    """Accuracy against length: one panel per NIAH task, every checkpoint a line on it."""
+    grids = [(r.label, *niah_grid(r)) for r in results]
+    tasks = list(dict.fromkeys(t for _, ts, _, _ in grids for t in ts))
+    if not tasks:
+        raise ValueError("none of the given checkpoints has NIAH results (ruler_* tasks) to plot")
+    fig = Figure(figsize=(3.2 * len(tasks), 3.6 + 0.2 * (len(results) // 4)), layout="constrained")
+    axes = fig.subplots(1, len(tasks), sharey=True, squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        for label, ts, lengths, grid in grids:
+            if task in ts:
+                row = grid[ts.index(task)]
+                ax.plot(lengths, row, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        all_lengths = sorted({n for _, ts, ls, _ in grids if task in ts for n in ls})
+        ax.set_xticks(all_lengths, [_length_label(n) for n in all_lengths])
+        ax.minorticks_off()
+        ax.set_ylim(-3, 103)
+        ax.set_title(_task_label(task))
+        ax.set_xlabel("context length")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:  # a checkpoint may lack the first task
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8)
+    return _save(fig, out_path)
+
+
+def plot_recall_bars(results: Sequence[CheckpointResult], out_path: str | os.PathLike[str]) -> Path:
+    """Table 4 as grouped bars: one group per recall task plus Avg., one bar per checkpoint, stderr whiskers."""
+    cols = [c for c in TABLE4 if c.task]
+    cells = [[cell_value(r, c) for c in cols] for r in results]
+    if all(v is None for row in cells for v in row):
+        raise ValueError("none of the given checkpoints has recall results (jrt_* tasks) to plot")
+    # The Avg. bar is the table's own average: absent when any of the six is missing.
+    values = np.array([[np.nan if v is None else v for v in [*row, average(row)]] for row in cells], dtype=float)
+    errs = np.array([[100 * r.stderrs.get(c.task or "", {}).get(c.metric or "", np.nan) for c in cols] + [np.nan]
+                     for r in results], dtype=float)
+    names = [*(c.header for c in cols), "Avg."]
+    width = 0.8 / max(len(results), 1)
+    fig = Figure(figsize=(2.4 + 1.0 * len(names) * max(1, len(results) / 3), 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(names))
+    for k, r in enumerate(results):
+        ax.bar(x + (k - (len(results) - 1) / 2) * width, values[k], width, yerr=errs[k], capsize=2,
+               label=r.label)  # NaN bars and whiskers are simply not drawn
+    ax.set_xticks(x, names)
+    ax.set_ylabel("contains (%)")
+    ax.set_title("Real-world recall (Table 4), missing bars = task not run")
+    fig.legend(loc="outside right upper", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out_path)
