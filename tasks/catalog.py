@@ -1,0 +1,194 @@
+"""The catalogue: our tasks, the lm-eval tasks we reuse, the paper's suites, and a task manager for them.
+
+    from tasks.catalog import load_suite, task_manager
+    suite = load_suite("table3")
+    tm = task_manager(data_dir=None, metadata={"tokenizer": "byte"}, task_metadata=suite.metadata)
+    lm_eval.simple_evaluate(model=lm, tasks=suite.tasks, task_manager=tm)
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS_DIR = Path(__file__).resolve().parent
+SUITES_DIR = TASKS_DIR / "suites"
+
+# lm-eval 0.4.13's own task definitions that the paper's Table 2 uses (reused as they are)
+LM_EVAL_TASKS = [
+    "wikitext", "lambada_openai", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa",
+    "social_iqa", "boolq",
+]
+BOS_POLICIES = ("bos", "none")
+
+
+def _our_tasks() -> list[str]:
+    names = []
+    for path in sorted(TASKS_DIR.glob("*/*.yaml")):
+        if path.parent != SUITES_DIR:
+            cfg = yaml.safe_load(path.read_text().replace("!function", "")) or {}
+            if isinstance(cfg.get("task"), str):
+                names.append(cfg["task"])
+    return sorted(names)
+
+
+def list_tasks() -> list[str]:
+    """Our tasks (RULER NIAH, JRT recall) and the lm-eval tasks we use."""
+    return _our_tasks() + LM_EVAL_TASKS
+
+
+def list_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def _closest(name: str, options: list[str], kind: str) -> ValueError:
+    near = difflib.get_close_matches(name, options, n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(near)}?" if near else f"choose from {', '.join(options)}"
+    return ValueError(f"unknown {kind} {name!r}: {hint}")
+
+
+@dataclass
+class Column:
+    """One paper column: which task's which metric, and whether the paper shows it in percent."""
+
+    task: str
+    metric: str
+    percent: bool = True
+
+
+@dataclass
+class Suite:
+    name: str
+    tasks: list[str]
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-task lm-eval metadata
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-task task-config overrides
+    bos: str | None = None  # "bos" (one BOS before every context) | "none"; None: see bos_by_task
+    bos_by_task: dict[str, str] = field(default_factory=dict)
+    gate_modes: list[str] | None = None
+    gate_mode_rows: dict[str, str | None] = field(default_factory=dict)
+    paper_table: str | None = None  # key in results/reference/paper_tables.json
+    columns: dict[str, Column] = field(default_factory=dict)
+    table_columns: list[str] = field(default_factory=list)  # the paper's column order
+    averages: dict[str, list[str]] = field(default_factory=dict)  # average name -> its columns
+    options: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def cell(self, column: str, results: dict[str, dict[str, Any]]) -> float | None:
+        """A paper cell from lm-eval `results["results"]`, in the paper's unit; None when missing."""
+        if column in self.averages:
+            parts = [self.cell(c, results) for c in self.averages[column]]
+            return None if any(p is None for p in parts) else paper_average_of(parts)
+        col = self.columns[column]
+        value = results.get(col.task, {}).get(f"{col.metric},none")
+        if not isinstance(value, (int, float)):
+            return None
+        return 100.0 * value if col.percent else float(value)
+
+
+def _read_suite(name: str) -> dict[str, Any]:
+    path = SUITES_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise _closest(name, list_suites(), "suite")
+    return yaml.safe_load(path.read_text())
+
+
+def load_suite(name: str) -> Suite:
+    raw = _read_suite(name)
+    tasks, metadata, config, bos_by_task = [], {}, {}, {}
+    for included in raw.get("include_suites", []):
+        sub = load_suite(included)
+        tasks += sub.tasks
+        metadata.update(sub.metadata)
+        config.update(sub.config)
+        bos_by_task.update(sub.bos_by_task)
+    for source in raw.get("bos_from", []):
+        bos_by_task.update(load_suite(source).bos_by_task)
+    tasks += [t for t in raw["tasks"] if t not in tasks]
+    metadata.update(raw.get("metadata") or {})
+    config.update(raw.get("config") or {})
+    bos = raw.get("bos")
+    bos_by_task.update({t: bos for t in raw["tasks"] if bos})
+    bos_by_task.update(raw.get("bos_by_task") or {})
+    columns = {k: Column(**v) for k, v in (raw.get("columns") or {}).items()}
+    suite = Suite(
+        name=raw.get("suite", name),
+        tasks=tasks,
+        metadata=metadata,
+        config=config,
+        bos=bos,
+        bos_by_task={t: bos_by_task[t] for t in tasks if t in bos_by_task},
+        gate_modes=raw.get("gate_modes"),
+        gate_mode_rows=raw.get("gate_mode_rows") or {},
+        paper_table=raw.get("paper_table"),
+        columns=columns,
+        table_columns=raw.get("table_columns") or list(columns) + list(raw.get("averages") or {}),
+        averages=raw.get("averages") or {},
+        options=raw.get("options") or {},
+        description=raw.get("description", ""),
+    )
+    _check(suite)
+    return suite
+
+
+def _check(suite: Suite) -> None:
+    known = set(list_tasks())
+    for task in suite.tasks + [c.task for c in suite.columns.values()]:
+        if task not in known:
+            raise _closest(task, sorted(known), f"task in suite {suite.name}")
+    for task, policy in suite.bos_by_task.items():
+        if policy not in BOS_POLICIES:
+            raise ValueError(f"suite {suite.name}: bos {policy!r} for {task}; expected one of {BOS_POLICIES}")
+    missing = [t for t in suite.tasks if t not in suite.bos_by_task]
+    if missing:
+        raise ValueError(f"suite {suite.name} gives no BOS policy for {', '.join(missing)}")
+
+
+def paper_average_of(values: list[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def paper_average(table: str, row: dict[str, float], name: str | None = None) -> float:
+    """The paper's average for one row of `table` ("table2", "table4", "table5", ...), by column name."""
+    suite = load_suite(table)
+    if not suite.averages:
+        raise ValueError(f"suite {table} defines no average")
+    if name is None:
+        if len(suite.averages) > 1:
+            raise ValueError(f"suite {table} has several averages ({', '.join(suite.averages)}): pass name=")
+        name = next(iter(suite.averages))
+    if name not in suite.averages:
+        raise _closest(name, list(suite.averages), f"average of {table}")
+    missing = [c for c in suite.averages[name] if c not in row]
+    if missing:
+        raise ValueError(f"{table} {name} needs columns {', '.join(missing)} in the row")
+    return paper_average_of([float(row[c]) for c in suite.averages[name]])
+
+
+def task_manager(
+    data_dir: str | Path | None = None,
+    metadata: dict[str, Any] | None = None,
+    task_metadata: dict[str, dict[str, Any]] | None = None,
+    task_config: dict[str, dict[str, Any]] | None = None,
+):
+    """An lm-eval TaskManager over lm-eval's tasks and ours.
+
+    data_dir: every task reads its dataset from this folder (layout in tasks/README.md) instead of the hub.
+    metadata: handed to every task (lm-eval `metadata`), e.g. {"tokenizer": "byte"}.
+    task_metadata / task_config: per-task metadata and task-config overrides (a suite's `metadata`/`config`).
+    """
+    from lm_eval.tasks import TaskManager
+
+    from tasks.task_factory import SuiteTaskFactory
+
+    meta = dict(metadata or {})
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise FileNotFoundError(f"--data-dir {data_dir} is not a folder (layout in tasks/README.md)")
+        meta["data_dir"] = str(Path(data_dir).resolve())
+    tm = TaskManager(include_path=str(TASKS_DIR), metadata=meta)
+    tm._factory = SuiteTaskFactory(meta=meta, task_metadata=task_metadata, task_config=task_config)
+    return tm
