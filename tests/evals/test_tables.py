@@ -1,0 +1,119 @@
+"""Paper tables: exact text per layout and format, averages against the paper's own, best marks, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from rich.text import Text
+
+from evals.report_cli import add_cli
+from evals.results import CheckpointResult, load_run
+from evals.tables import (COLUMNS, TABLE2_ACCS, build_table, load_paper_tables, paper_average, render_table,
+                          rich_table)
+from tests.fixtures.results.make_fixtures import EXPECTED_CASES, expected_path, make_fixture_runs, render_case
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_fixture_runs(tmp_path_factory.mktemp("runs"))
+
+
+def result(label: str, scores: dict[str, dict[str, float]], **config: str) -> CheckpointResult:
+    return CheckpointResult(label, Path(label), dict(config), {}, scores, {})
+
+
+@pytest.mark.parametrize("layout,fmt,with_paper", EXPECTED_CASES,
+                         ids=[f"{lay}-{fmt}{'-paper' if p else ''}" for lay, fmt, p in EXPECTED_CASES])
+def test_rendered_text_matches_expected(runs: dict[str, Path], layout: str, fmt: str, with_paper: bool) -> None:
+    expected = expected_path(layout, fmt, with_paper).read_text(encoding="utf-8")
+    assert render_case(runs, layout, fmt, with_paper) == expected
+
+
+PAPER_AVERAGES = [("table2", "avg_acc", 13), ("table4", "avg", 13)]
+
+
+@pytest.mark.parametrize("layout,avg_key,n_rows", PAPER_AVERAGES)
+def test_averages_reproduce_paper(layout: str, avg_key: str, n_rows: int) -> None:
+    paper = load_paper_tables()
+    key = {"table2": "table2_lm_commonsense", "table4": "table4_recall_2k"}[layout]
+    col = next(c for c in COLUMNS[layout] if c.key == avg_key)
+    rows = [(g, name, row) for g, grp in paper[key]["rows"].items() for name, row in grp.items()]
+    assert len(rows) == n_rows
+    for group, name, row in rows:
+        assert abs(paper_average(row, col) - row[avg_key]) <= 0.005 + 1e-9, (group, name)
+
+
+def test_eight_number_average_does_not_reproduce_paper() -> None:
+    """The spec's check that LAMBADA acc belongs in Avg.: without it no row matches."""
+    rows = [row for grp in load_paper_tables()["table2_lm_commonsense"]["rows"].values() for row in grp.values()]
+    eight = [sum(row[k] for k in TABLE2_ACCS[1:]) / 8 for row in rows]
+    assert all(abs(e - row["avg_acc"]) > 0.005 for e, row in zip(eight, rows))
+
+
+def test_table5_averages_are_table2_and_table4_averages() -> None:
+    paper = load_paper_tables()
+    gdn2 = paper["table5_ablations"]["rows"]["recurrent"]["Gated DeltaNet-2 (b in [0,1])"]
+    assert gdn2["commonsense_avg"] == paper["table2_lm_commonsense"]["rows"]["recurrent"]["Gated DeltaNet-2"]["avg_acc"]
+    assert gdn2["recall_avg"] == paper["table4_recall_2k"]["rows"]["recurrent"]["Gated DeltaNet-2"]["avg"]
+
+
+def test_average_recomputed_from_cells(runs: dict[str, Path]) -> None:
+    a, b = load_run(runs["demo"])
+    data = build_table([a, b], "table2")
+    accs = [100 * a.scores[t][m] for t, m in [("lambada_openai", "acc"), ("piqa", "acc"), ("hellaswag", "acc_norm"),
+                                              ("winogrande", "acc"), ("arc_easy", "acc"), ("arc_challenge", "acc"),
+                                              ("openbookqa", "acc"), ("social_iqa", "acc"), ("boolq", "acc")]]
+    assert data.blocks[0].rows[0][1][-1] == pytest.approx(sum(accs) / 9)
+    recall = build_table([a, b], "table4").blocks[0].rows
+    assert recall[0][1][-1] is not None and recall[1][1][-1] is None  # gdn2-b has no jrt_drop: no average
+
+
+def test_best_marks_direction_ties_and_single_rows() -> None:
+    x = result("x", {"wikitext": {"word_perplexity": 15.0}, "piqa": {"acc": 0.70}, "boolq": {"acc": 0.6}})
+    y = result("y", {"wikitext": {"word_perplexity": 16.0}, "piqa": {"acc": 0.75}, "boolq": {"acc": 0.6}})
+    md = render_table([x, y], "table2", "md").splitlines()
+    x_row, y_row = md[4].split(" | "), md[5].split(" | ")
+    assert x_row[1] == "**15.00**" and y_row[1] == "16.00"  # perplexity: lower wins
+    assert x_row[4] == "70.00" and y_row[4] == "**75.00**"  # accuracy: higher wins
+    assert x_row[11] == "**60.00**" and y_row[11] == "**60.00**"  # ties are all marked
+    assert "**" not in render_table([x], "table2", "md").splitlines()[4]  # nothing to beat in a single row
+    csv = render_table([x, y], "table2", "csv").splitlines()
+    assert csv[1].endswith(",wikitext_ppl;boolq_acc") and csv[2].endswith(",piqa_acc;boolq_acc")
+    table = rich_table(build_table([x, y], "table2"))
+    cell = table.columns[1]._cells[0]
+    assert isinstance(cell, Text) and cell.plain == "15.00" and cell.style == "bold"
+
+
+def test_table5_rows_by_gate_mode_in_paper_order() -> None:
+    rows = [result(f"c@{m}", {"wikitext": {"word_perplexity": 1.0}}, gate_mode=m) for m in ("tied", "full", "scalar_b")]
+    assert [name for name, _ in build_table(rows, "table5").blocks[0].rows] == ["scalar_b", "full", "tied"]
+    twice = rows + [result("d@full", {}, gate_mode="full")]
+    assert "d@full (full)" in [name for name, _ in build_table(twice, "table5").blocks[0].rows]
+
+
+def test_latex_escapes_labels_and_bad_arguments() -> None:
+    assert "my\\_ckpt\\&co" in render_table([result("my_ckpt&co", {})], "table4", "latex")
+    with pytest.raises(ValueError, match="unknown layout"):
+        render_table([], "table9", "md")
+    with pytest.raises(ValueError, match="unknown table format"):
+        render_table([], "table2", "html")
+    with pytest.raises(ValueError, match="nothing to show"):
+        render_table([], "table2", "md")
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_table(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["table", str(runs["demo"]), "--layout", "table4", "--format", "md", "--with-paper"]) == 0
+    assert capsys.readouterr().out == expected_path("table4", "md", True).read_text(encoding="utf-8")
+    assert run_cli(["table", str(runs["demo"] / "gdn2-a"), "--layout", "table3"]) == 0
+    assert "gdn2-a" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError):
+        run_cli(["table", str(runs["demo"] / "nope")])
