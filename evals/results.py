@@ -91,7 +91,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2) + "\n")
 
 
 def _read_json(path: Path, default: Any) -> Any:
@@ -151,7 +151,7 @@ class RunStore:
         d = self.label_dir(label)
         samples = evaluate_output.get("samples") or {}
         for name, records in samples.items():
-            lines = (json.dumps(json_safe(r), ensure_ascii=False) for r in records)
+            lines = (json.dumps(json_safe(r)) for r in records)  # ASCII escapes survive lone surrogates
             atomic_write_text(d / "samples" / f"{_check_task(name)}.jsonl", "".join(line + "\n" for line in lines))
 
         merged = self.read_results(label)

@@ -125,3 +125,10 @@ def test_load_runs_disambiguates_labels(tmp_path: Path) -> None:
     for out in ("run1", "run2"):
         RunStore(tmp_path / out).save_task("ckpt", "piqa", output("piqa", 0.5), CONFIG)
     assert [r.label for r in load_runs([tmp_path / "run1", tmp_path / "run2"])] == ["run1/ckpt", "run2/ckpt"]
+
+
+def test_generations_with_odd_characters_round_trip(tmp_path: Path) -> None:
+    odd = "caf\u00e9 \ud800 \x00 end"  # a lone surrogate, as a byte-level tokenizer can decode
+    RunStore(tmp_path).save_task("a", "jrt_nq", output("jrt_nq", 0.5, [{"doc_id": 0, "resps": [[odd]]}]), CONFIG)
+    [r] = load_run(tmp_path)
+    assert r.samples("jrt_nq")[0]["resps"] == [[odd]]
