@@ -7,6 +7,9 @@
 Every tokenizer exposes the same small interface: encode(text) -> list[int] without special tokens,
 decode(ids) -> str, bos_id, eos_id, vocab_size, name. BOS is never added implicitly: whether a sequence
 starts with BOS is the caller's explicit policy (the official pipelines differ, see the checkpoint spec).
+The file-based tokenizers also report `add_bos`: whether the Hugging Face call that the official stream pipeline
+made (default add_special_tokens) puts BOS before a document - `add_bos_token` of tokenizer_config.json when
+present, else what the tokenizer.json post-processor does, else the Llama convention (True) for SentencePiece.
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ class SentencePieceTokenizer:
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.vocab_size = self.sp.vocab_size()
+        cfg = _tokenizer_config(path)
+        self.add_bos = bool(cfg.get("add_bos_token", True)) and self.bos_id is not None
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -68,13 +73,14 @@ class HFTokenizer:
         self.name = str(path)
         self.tok = _Tok.from_file(str(path))
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        bos, eos = None, None
-        cfg_path = path.parent / "tokenizer_config.json"
-        if cfg_path.exists():
-            cfg = json.loads(cfg_path.read_text())
-            bos, eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
+        cfg = _tokenizer_config(path)
+        bos, eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
         self.bos_id = self.tok.token_to_id(bos) if bos else self.tok.token_to_id("<s>")
         self.eos_id = self.tok.token_to_id(eos) if eos else self.tok.token_to_id("</s>")
+        if "add_bos_token" in cfg:
+            self.add_bos = bool(cfg["add_bos_token"]) and self.bos_id is not None
+        else:  # what a default call does: the post-processor of Llama-style files inserts <s>
+            self.add_bos = self.bos_id is not None and self.tok.encode("a").ids[:1] == [self.bos_id]
 
     def encode(self, text: str) -> list[int]:
         # The post-processor of Llama-style files inserts <s>; BOS is the caller's decision, so skip it.
@@ -82,6 +88,18 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _tokenizer_config(path: Path) -> dict:
+    """tokenizer_config.json beside a tokenizer file, or {} when absent or unreadable."""
+    cfg_path = path.parent / "tokenizer_config.json"
+    if not cfg_path.exists():
+        return {}
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{cfg_path} is not valid JSON: fix it or re-download the tokenizer files") from None
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _token_str(tok: object) -> str | None:
