@@ -184,7 +184,7 @@ def _row_labels(results: Sequence[CheckpointResult], layout: str) -> list[str]:
     return [f"{r.label} ({m})" for r, m in zip(results, modes)]
 
 
-def build_table(results: Sequence[CheckpointResult], layout: str, with_paper: bool = False) -> TableData:
+def build_table(results: Sequence[CheckpointResult], layout: Layout, with_paper: bool = False) -> TableData:
     if layout not in COLUMNS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     cols = COLUMNS[layout]
@@ -290,7 +290,7 @@ RENDERERS: dict[str, Callable[[TableData], str]] = {"rich": _to_rich_text, "md":
                                                      "csv": _to_csv}
 
 
-def render_table(results: Sequence[CheckpointResult], layout: str, fmt: str = "rich",
+def render_table(results: Sequence[CheckpointResult], layout: Layout, fmt: Format = "rich",
                  with_paper: bool = False) -> str:
     """Render ``results`` in the paper's ``layout`` (table2..table5) as text in ``fmt`` (rich/md/latex/csv)."""
     if fmt not in RENDERERS:
