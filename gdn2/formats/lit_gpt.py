@@ -174,6 +174,7 @@ def _check_supported(fields: dict, path: Path) -> None:
 
 def read(path: Path, preset: str | None = None, config: dict | str | None = None) -> Source:
     """Read an official checkpoint file (or training output folder) into a Source."""
+    preset_cfg = Config.from_name(preset) if preset else None  # an unknown name fails before any file is read
     if path.is_dir():
         file = find_checkpoint_file(path)
         if file is None:
@@ -185,7 +186,7 @@ def read(path: Path, preset: str | None = None, config: dict | str | None = None
     explicit, explicit_origin = parse_config_arg(config)
     if preset or explicit:
         if preset:
-            fields = _overlay(fields, Config.from_name(preset).to_dict())  # a preset is a whole config
+            fields = _overlay(fields, preset_cfg.to_dict())  # a preset is a whole config
             origin.append(f"preset {preset}")
         if explicit:
             fields = _overlay(fields, explicit)
