@@ -97,7 +97,7 @@ class GPT(nn.Module):
         return State(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
 
     # ---- forward -----------------------------------------------------------------------------------------------
-    def _forward_packed(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, state: State) -> torch.Tensor:
+    def forward_packed(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, state: State) -> torch.Tensor:
         """tokens [total] packed; advances `state` in place; returns final hidden states [total, d]."""
         x = self.transformer.wte(tokens)
         pos0 = state.pos.clone()
@@ -142,7 +142,7 @@ class GPT(nn.Module):
             valid = cols[None, :] < (c0 + seg_rows)[:, None]
             packed = tokens[rows][:, cols][valid]
             sub = state.select(rows) if len(rows) < B else state
-            hidden = self._forward_packed(packed, cu, sub)
+            hidden = self.forward_packed(packed, cu, sub)
             if len(rows) < B:
                 state.assign(rows, sub)
             if logits == "all":

@@ -78,23 +78,45 @@ def chunk_gdn2_torch(
     return o.to(out_dtype), final
 
 
+def _decay_scores(x: torch.Tensor, k: torch.Tensor, G: torch.Tensor, strict: bool, sub: int = 16) -> torch.Tensor:
+    """sum_j x_r[j] k_s[j] exp(G_r[j] - G_s[j]) for s < r (strict) or s <= r, per chunk: [.., NC, C, C].
+
+    Pairs inside a sub-block of `sub` rows take the exact pairwise form; a pair across sub-blocks splits its
+    ratio at the row just before the query's sub-block: exp(G_r - G_ref) * exp(G_ref - G_s), both factors <= 1,
+    so nothing overflows, and the cross-block part is a matmul instead of a [C, C, dk] tensor.
+    """
+    *lead, NC, C, dk = k.shape
+    sub = min(sub, C)
+    nb = C // sub
+    xb, kb, Gb = (t.reshape(*lead, NC, nb, sub, dk) for t in (x, k, G))
+    tri = torch.ones(sub, sub, dtype=torch.bool, device=k.device).tril(-1 if strict else 0)
+    pair = (Gb[..., :, None, :] - Gb[..., None, :, :]).masked_fill(~tri[:, :, None], float("-inf")).exp()
+    intra = torch.einsum("...rj,...rsj->...rs", xb, pair * kb[..., None, :, :])  # [.., NC, nb, sub, sub]
+    scores = torch.zeros(*lead, NC, nb, sub, nb, sub, dtype=k.dtype, device=k.device)
+    blocks = torch.arange(nb, device=k.device)
+    scores[..., blocks, :, blocks, :] = intra.movedim(-3, 0)
+    if nb > 1:
+        ref = Gb[..., :-1, -1, :]  # [.., NC, nb-1, dk]: G at the last row before query blocks 1..nb-1
+        xq = xb[..., 1:, :, :] * (Gb[..., 1:, :, :] - ref[..., None, :]).exp()
+        before = torch.arange(C, device=k.device)[None, :] < (torch.arange(1, nb, device=k.device) * sub)[:, None]
+        expo = (ref[..., :, None, :] - G[..., None, :, :]).masked_fill(~before[:, :, None], float("-inf"))
+        inter = xq @ (k[..., None, :, :] * expo.exp()).transpose(-1, -2)  # [.., NC, nb-1, sub, C]
+        scores[..., 1:, :, :, :] += inter.unflatten(-1, (nb, sub))
+    return scores.reshape(*lead, NC, C, C)
+
+
 def _intra_chunk(q, k, b, z, G):
     """Y = A (e^G b k), U = A z and the causal q-k decay matrix, batched over chunks in bounded groups."""
     *lead, NC, C, dk = k.shape
     per_chunk = C * C * dk * max(1, int(torch.tensor(lead).prod()))
-    step = max(1, _MAX_PAIRWISE_ELEMENTS // per_chunk)
-    incl = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    strict = incl.tril(-1)
+    step = max(1, 4 * _MAX_PAIRWISE_ELEMENTS // per_chunk)
     eye = torch.eye(C, dtype=k.dtype, device=k.device)
     Ys, Us, Aqks = [], [], []
     for c0 in range(0, NC, step):
         sl = slice(c0, c0 + step)
         Gc, kc = G[..., sl, :, :], k[..., sl, :, :]
-        diff = Gc[..., :, None, :] - Gc[..., None, :, :]  # [.., C(r), C(s), dk] = G_r - G_s
-        decay = diff.masked_fill(~incl[:, :, None], float("-inf")).exp()
-        kd = decay * kc[..., None, :, :]  # k_s[j] exp(G_r[j] - G_s[j])
-        Tm = torch.einsum("...rj,...rsj->...rs", b[..., sl, :, :] * kc, kd) * strict
-        Aqk = torch.einsum("...rj,...rsj->...rs", q[..., sl, :, :], kd)
+        Tm = _decay_scores(b[..., sl, :, :] * kc, kc, Gc, strict=True)
+        Aqk = _decay_scores(q[..., sl, :, :], kc, Gc, strict=False)
         rhs = torch.cat([Gc.exp() * b[..., sl, :, :] * kc, z[..., sl, :, :]], dim=-1)
         sol = torch.linalg.solve_triangular(eye + Tm, rhs, upper=False, unitriangular=True)
         Ys.append(sol[..., :dk])

@@ -1,0 +1,329 @@
+"""The lm-eval backend "gdn2": a TemplateLM over the GDN-2 model's explicit recurrent state.
+
+    lm_eval --model gdn2 --model_args checkpoint=PATH,bos=true,dtype=bfloat16 --include_path tasks --tasks ...
+
+What a recurrent model buys, and how it is used here:
+  - loglikelihood: requests that share a context are grouped; the context is prefilled once, its state is
+    repeated once per continuation, and all continuations are scored from it in one ragged batch.
+  - loglikelihood_rolling: the whole document is consumed in bounded chunks that carry the state; no windows.
+  - generate_until: contexts are prefilled in ragged batches, then decoded greedily with model.step.
+Padding never enters a state (ragged rows go through lengths), nothing is truncated by default, and requests are
+sorted by length and batched under a token budget; results come back in request order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from gdn2.model import GPT
+from gdn2.tokenizer import Tokenizer
+
+BOS_POLICIES = ("auto", "true", "false")
+
+
+def _as_bool(x: Any) -> bool:
+    return str(x).lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class Batching:
+    batch_size: int = 32  # rows per forward
+    max_batch_tokens: int = 65536  # rows x padded length per forward
+    rolling_chunk: int = 4096  # columns per pass when scoring whole documents
+    max_gen_toks: int = 256
+
+
+@dataclass
+class Progress:
+    """Counts tokens and requests; the CLI points `hook` at a progress bar."""
+
+    hook: Callable[[int, int], None] | None = None  # (requests done, tokens consumed)
+    tokens: int = 0
+    requests: int = 0
+    log: list = field(default_factory=list)
+
+    def update(self, requests: int, tokens: int) -> None:
+        self.requests += requests
+        self.tokens += tokens
+        if self.hook:
+            self.hook(requests, tokens)
+
+
+@register_model("gdn2")
+class GDN2LM(TemplateLM):
+    """lm-eval LM over a GDN-2 family model (GDN-2, KDA, Gated DeltaNet, hybrids)."""
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        *,
+        model: GPT | None = None,
+        tokenizer: Tokenizer | str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 32,
+        max_batch_tokens: int = 65536,
+        max_gen_toks: int = 256,
+        bos: str | bool = "auto",
+        gate_mode: str = "full",
+        preset: str | None = None,
+        backend: str = "auto",
+        prefill_chunk: int = 16384,
+        **unused: Any,
+    ) -> None:
+        super().__init__()
+        self.loaded = None
+        if model is None:
+            if checkpoint is None:
+                raise ValueError("gdn2 needs checkpoint=PATH_OR_NAME in --model_args (see `run_eval.py list`)")
+            from gdn2.checkpoint import load_checkpoint
+
+            self.loaded = load_checkpoint(
+                checkpoint, preset=preset, device=device or _default_device(), dtype=_dtype(dtype, device),
+                gate_mode=gate_mode, tokenizer=tokenizer if isinstance(tokenizer, str) else None,
+            )
+            model, tok = self.loaded.model, self.loaded.tokenizer
+            if tok is None:
+                raise ValueError(f"no tokenizer for {checkpoint}: pass tokenizer=PATH in --model_args")
+            tokenizer = tok
+        elif isinstance(tokenizer, str) or tokenizer is None:
+            from gdn2.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer or "byte")
+        self.model = model.eval()
+        self.model.backend = backend
+        self.model.chunk_tokens = int(prefill_chunk)
+        self.tok: Tokenizer = tokenizer
+        self._device = self.model.lm_head.weight.device
+        self.batching = Batching(
+            batch_size=32 if str(batch_size).startswith("auto") else int(batch_size),
+            max_batch_tokens=int(max_batch_tokens), max_gen_toks=int(max_gen_toks),
+        )
+        self.bos = self._resolve_bos(bos)
+        self.progress = Progress()
+
+    # ---- identity, recorded with every result ----------------------------------------------------------------------
+    def _resolve_bos(self, bos: str | bool) -> bool:
+        value = str(bos).lower()
+        if value not in BOS_POLICIES:
+            raise ValueError(f"bos={bos!r}: use bos=true, bos=false or bos=auto")
+        if value == "auto":
+            default = getattr(self.loaded, "default_bos", None)
+            return bool(default) if default is not None else self.tok.bos_id is not None
+        if value == "true" and self.tok.bos_id is None:
+            raise ValueError(f"bos=true but tokenizer {self.tok.name} has no BOS token; use bos=false")
+        return value == "true"
+
+    def describe(self) -> dict:
+        """What was evaluated and how: stored in every result's config."""
+        info = {
+            "bos": self.bos, "tokenizer": self.tok.name, "gate_mode": self.model.config.gate_mode,
+            "dtype": str(self.model.lm_head.weight.dtype).replace("torch.", ""), "device": str(self._device),
+            "recurrence_backend": self.model.backend, "batch_size": self.batching.batch_size,
+            "max_batch_tokens": self.batching.max_batch_tokens, "model_config": self.model.config.to_dict(),
+        }
+        if self.loaded is not None:
+            info.update(checkpoint=str(self.loaded.source), format=self.loaded.format, sha256=self.loaded.sha256)
+        return info
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # An empty context is conditioned on BOS under the BOS policy, else on the document separator (EOS).
+        return self.tok.bos_id if self.bos else self.tok.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return 1 << 30  # a recurrent state has no length limit; nothing is truncated
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        add_bos = self.bos if add_special_tokens is None else add_special_tokens
+        ids = self.tok.encode(string)
+        return [self.tok.bos_id] + ids if add_bos and self.tok.bos_id is not None else ids
+
+    def tok_decode(self, tokens: list[int], **kwargs) -> str:
+        return self.tok.decode(tokens)
+
+    # ---- batching helpers -------------------------------------------------------------------------------------
+    def _batches(self, order: list[int], lengths: list[int]) -> list[list[int]]:
+        """Consecutive groups of `order` (longest first) under the row and token budgets."""
+        batches, cur, width = [], [], 0
+        for i in order:
+            w = max(width, lengths[i])
+            if cur and (len(cur) >= self.batching.batch_size or w * (len(cur) + 1) > self.batching.max_batch_tokens):
+                batches.append(cur)
+                cur, w = [], lengths[i]
+            cur.append(i)
+            width = w
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _ragged(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([len(s) for s in seqs], device=self._device)
+        tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=self._device)
+        for r, s in enumerate(seqs):
+            tokens[r, : len(s)] = torch.tensor(s, dtype=torch.long, device=self._device)
+        return tokens, lengths
+
+    # ---- loglikelihood ------------------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, ctx, cont) in enumerate(requests):
+            if not cont:
+                raise ValueError(f"request {i} has an empty continuation; nothing to score")
+            groups.setdefault(tuple(ctx), []).append(i)
+        contexts = list(groups)
+        lengths = [len(c) + max(len(requests[i][2]) for i in groups[c]) for c in contexts]
+        order = sorted(range(len(contexts)), key=lambda j: (-lengths[j], contexts[j]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for batch in self._batches(order, lengths):
+            ctxs = [list(contexts[j]) for j in batch]
+            members = [groups[contexts[j]] for j in batch]
+            for idx, res in zip(sum(members, []), self._score_batch(ctxs, members, requests)):
+                results[idx] = res
+            self.progress.update(sum(len(m) for m in members), sum(len(c) for c in ctxs))
+        return results
+
+    def _score_batch(self, ctxs, members, requests) -> list[tuple[float, bool]]:
+        """Prefill each context once, repeat its state per continuation, score every continuation."""
+        tokens, lengths = self._ragged(ctxs)
+        last, state = self.model.prefill(tokens, lengths=lengths, logits="last")
+        conts = [requests[i][2] for m in members for i in m]
+        rows = torch.tensor([r for r, m in enumerate(members) for _ in m], device=self._device)
+        first_logp = F.log_softmax(last.float(), -1)[rows]  # the first continuation token, from the context
+        tails = [c[:-1] for c in conts]  # tokens fed after the context
+        tail_rows = [j for j, t in enumerate(tails) if t]
+        cont_logp = {}
+        if tail_rows:
+            sub = state.select(rows[tail_rows])
+            t_tok, t_len = self._ragged([tails[j] for j in tail_rows])
+            logits, _ = self.model.prefill(t_tok, sub, lengths=t_len)
+            logp = F.log_softmax(logits.float(), -1)
+            for r, j in enumerate(tail_rows):
+                cont_logp[j] = logp[r, : len(tails[j])]
+        out = []
+        for j, cont in enumerate(conts):
+            lp = first_logp[j : j + 1]
+            if j in cont_logp:
+                lp = torch.cat([lp, cont_logp[j]])
+            target = torch.tensor(cont, device=self._device)
+            ll = lp.gather(-1, target[:, None]).sum().item()
+            greedy = bool((lp.argmax(-1) == target).all())
+            out.append((ll, greedy))
+        return out
+
+    # ---- loglikelihood_rolling --------------------------------------------------------------------------------------
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Sum of log-probabilities of every token of each document, conditioned on the prefix token only."""
+        docs = [[self.prefix_token_id] + self.tok_encode(req.args[0], add_special_tokens=False) for req in requests]
+        order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
+        out = [0.0] * len(docs)
+        for batch in self._batches(order, [min(len(d), self.batching.rolling_chunk) for d in docs]):
+            for i, ll in zip(batch, self._rolling_batch([docs[i] for i in batch])):
+                out[i] = ll
+            self.progress.update(len(batch), sum(len(docs[i]) for i in batch))
+        return out
+
+    def _rolling_batch(self, docs: list[list[int]]) -> list[float]:
+        """Walk the documents in column chunks, carrying the state; chunk c predicts tokens c0+1 .. c1."""
+        tokens, lengths = self._ragged(docs)
+        inputs_len = lengths - 1  # the last token is only a target
+        state = self.model.new_state(len(docs))
+        total = torch.zeros(len(docs), dtype=torch.float64, device=self._device)
+        C = self.batching.rolling_chunk
+        for c0 in range(0, int(inputs_len.max()), C):
+            seg = (inputs_len - c0).clamp(0, C)
+            rows = (seg > 0).nonzero().squeeze(-1)
+            sub = state.select(rows)
+            logits, sub = self.model.prefill(tokens[rows, c0 : c0 + C], sub, lengths=seg[rows])
+            state.assign(rows, sub)
+            logp = F.log_softmax(logits.float(), -1)
+            targets = tokens[rows, c0 + 1 : c0 + 1 + logits.shape[1]]
+            pad = logits.shape[1] - targets.shape[1]
+            if pad:
+                targets = F.pad(targets, (0, pad))
+            tok_lp = logp.gather(-1, targets[..., None])[..., 0]
+            mask = torch.arange(logits.shape[1], device=self._device)[None, :] < seg[rows, None]
+            total.index_add_(0, rows, (tok_lp * mask).sum(1).double())
+        return total.tolist()
+
+    # ---- generate_until -------------------------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        by_kwargs: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            by_kwargs.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        for idxs in by_kwargs.values():
+            gen_kwargs = dict(requests[idxs[0]].args[1])
+            until = gen_kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.pop("max_gen_toks", self.batching.max_gen_toks))
+            if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
+                raise ValueError("gdn2 decodes greedily: set do_sample=false and temperature=0 in the task")
+            ctxs = [self.tok_encode(requests[i].args[0]) for i in idxs]
+            order = sorted(range(len(idxs)), key=lambda j: (-len(ctxs[j]), j))
+            for batch in self._batches(order, [len(c) + max_new for c in ctxs]):
+                texts = self._greedy([ctxs[j] for j in batch], until, max_new)
+                for j, text in zip(batch, texts):
+                    out[idxs[j]] = text
+                self.progress.update(len(batch), sum(len(ctxs[j]) for j in batch))
+        return out
+
+    def _greedy(self, ctxs: list[list[int]], until: list[str], max_new: int) -> list[str]:
+        tokens, lengths = self._ragged(ctxs)
+        logits, state = self.model.prefill(tokens, lengths=lengths, logits="last")
+        B = len(ctxs)
+        generated: list[list[int]] = [[] for _ in range(B)]
+        texts = [""] * B
+        done = [False] * B
+        stops = [s for s in until if s]
+        for _ in range(max_new):
+            nxt = logits.argmax(-1)
+            for r, t in enumerate(nxt.tolist()):
+                if done[r]:
+                    continue
+                if t == self.tok.eos_id:
+                    done[r] = True
+                    continue
+                generated[r].append(t)
+                texts[r] = self.tok.decode(generated[r])
+                if any(s in texts[r] for s in stops):
+                    done[r] = True
+            if all(done):
+                break
+            logits, state = self.model.step(nxt, state)
+        return [_cut(t, stops) for t in texts]
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    """Text up to the earliest stop sequence (lm-eval's convention: the stop itself is not returned)."""
+    for s in stops:
+        text = text.split(s)[0]
+    return text
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(name: str, device: str | None) -> torch.dtype | None:
+    if name in ("auto", None):
+        return torch.bfloat16 if (device or _default_device()).startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+    if name not in table:
+        raise ValueError(f"dtype={name!r}: use one of {', '.join(table)} or auto")
+    return table[name]
