@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from gdn2.config import Config
-from gdn2.formats.base import CheckpointError, Source, build_config, read_json, read_safetensors
+from gdn2.formats.base import CheckpointError, Source, build_config, read_safetensors
 
 FORMAT = "native"
 MARKER = "gdn2-native"

@@ -182,6 +182,28 @@ def test_tokenizer_files_and_bos_policy(tmp_path):
     assert load_checkpoint(str(tmp_path / "m")).bos_policy == "none"
 
 
+def test_sentencepiece_tokenizer_wins_and_vocab_is_checked(tmp_path):
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["the cat sat on the mat", "hello world"] * 20),
+                                   model_writer=buf, vocab_size=30, model_type="bpe", bos_id=1, eos_id=2, unk_id=0,
+                                   pad_id=-1, minloglevel=2)
+    src = tmp_path / "tok"
+    src.mkdir()
+    (src / "tokenizer.model").write_bytes(buf.getvalue())
+    save_native(tiny_gpt(), tokenizer_src=src / "tokenizer.model", out_dir=tmp_path / "m")
+    loaded = load_checkpoint(str(tmp_path / "m"))
+    assert loaded.tokenizer.vocab_size == 30 and loaded.tokenizer.bos_id == 1 and loaded.bos_policy == "bos"
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("the cat")) == "the cat"
+    small = GPT(Config.from_name("tiny_hybrid", vocab_size=16, padding_multiple=16))
+    save_native(small, tokenizer_src=src, out_dir=tmp_path / "small")
+    with pytest.raises(CheckpointError, match="has 30 tokens but .* embeds only 16"):
+        load_checkpoint(str(tmp_path / "small"))
+
+
 # ---- fla HF folders, with independent float64 references ----------------------------------------------------------
 def fla_config(model_type: str, **kw) -> dict:
     base = dict(model_type=model_type, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8, expand_v=1.0,
