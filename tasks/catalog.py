@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,8 +182,6 @@ def task_manager(
     metadata: handed to every task (lm-eval `metadata`), e.g. {"tokenizer": "byte"}.
     task_metadata / task_config: per-task metadata and task-config overrides (a suite's `metadata`/`config`).
     """
-    from lm_eval.tasks import TaskManager
-
     from tasks.task_factory import SuiteTaskFactory
 
     meta = dict(metadata or {})
@@ -189,6 +189,14 @@ def task_manager(
         if not Path(data_dir).is_dir():
             raise FileNotFoundError(f"--data-dir {data_dir} is not a folder (layout in tasks/README.md)")
         meta["data_dir"] = str(Path(data_dir).resolve())
-    tm = TaskManager(include_path=str(TASKS_DIR), metadata=meta)
+    tm = copy.copy(_indexed_task_manager())  # indexing lm-eval's ~10k YAMLs takes seconds: do it once
+    tm.metadata = meta
     tm._factory = SuiteTaskFactory(meta=meta, task_metadata=task_metadata, task_config=task_config)
     return tm
+
+
+@functools.lru_cache(maxsize=1)
+def _indexed_task_manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR))

@@ -46,7 +46,7 @@ def test_simple_evaluate_needles_and_multiple_choice(data_dir):
     config = out["configs"]["ruler_niah_single_2"]
     assert config["metadata"]["max_seq_lengths"] == [768, 1024, 1536]
     assert config["generation_kwargs"]["max_gen_toks"] == 16
-    assert out["n-samples"]["ruler_niah_single_2"]["effective"] == 9
+    assert out["n-samples"]["ruler_niah_single_2"]["original"] == 9  # 3 per length, interleaved
 
 
 def test_quick_suite_generates_in_well_under_a_second(data_dir):
