@@ -191,41 +191,45 @@ def render(report: Report) -> str:
     return console.export_text()
 
 
-SWEEP_CHUNK = [dict(intra_warps=w, state_bv=bv, state_warps=sw, state_stages=st)
-               for w in (8, 4) for bv, sw in ((64, 8), (32, 4), (32, 8), (64, 4)) for st in (1, 2, 3)]
+SWEEP_INTRA = [dict(intra_warps=w, diag_dc=dc) for w in (8, 4) for dc in (16, 0, 32)]
+SWEEP_STATE = [dict(state_bv=bv, state_warps=sw, state_stages=st)
+               for bv, sw in ((64, 8), (32, 4), (32, 8), (64, 4)) for st in (1, 2, 3)]
 SWEEP_DECODE = [dict(bv_large=bl, bv_small=bs, warps=w) for bl in (32, 16, 64) for bs in (16, 8, 32) for w in (4, 2, 8)]
 
 
+def _best(configs: list[dict], launch: dict, fn, label: str) -> dict:
+    """Time fn under each config (applied to `launch`), print the fastest few, leave `launch` at the best."""
+    start, times = dict(launch), []
+    for cfg in configs:
+        launch.update(start | cfg)
+        try:
+            times.append((_bench_ms(fn, rep=30), cfg))
+        except Exception as err:  # e.g. out of shared memory for some settings
+            print(f"  {label} {cfg}: {type(err).__name__}")
+    times.sort(key=lambda x: x[0])
+    for t, cfg in times[:4]:
+        print(f"{label}: {t * 1e3:.1f} us {cfg}")
+    launch.update(start | times[0][1])
+    return times[0][1]
+
+
 def sweep(args: argparse.Namespace) -> None:
-    """Time launch-setting variants of both kernels (overriding their LAUNCH dicts) and print the best."""
+    """Time launch-setting variants of both kernels (overriding their LAUNCH dicts); keeps the best for the run."""
     from gdn2.ops import chunk, recurrent
 
     H, K, V = args.heads, args.dk, args.dv
     for (B, T) in [(8, 2048), (1, 16384)]:
         q, k, v, g, b, w, _ = _inputs(B, T, H, K, V)
-        default, times = dict(chunk.LAUNCH), []
-        for cfg in SWEEP_CHUNK:
-            chunk.LAUNCH.update(cfg)
-            try:
-                times.append((_bench_ms(lambda: chunk.chunk_gdn2_triton(q, k, v, g, b, w, use_qk_l2norm=True),
-                                        rep=30), cfg))
-            except Exception as err:  # out of resources for some settings
-                print(f"  {cfg}: {type(err).__name__}")
-        chunk.LAUNCH.update(default)
-        for t, cfg in sorted(times, key=lambda x: x[0])[:6]:
-            print(f"prefill B{B} T{T}: {t:.3f} ms {cfg}")
+        fn = lambda: chunk.chunk_gdn2_triton(q, k, v, g, b, w, use_qk_l2norm=True)  # noqa: E731
+        _best(SWEEP_INTRA, chunk.LAUNCH, fn, f"prefill B{B}xT{T}")
+        _best(SWEEP_STATE, chunk.LAUNCH, fn, f"prefill B{B}xT{T}")
     for B in (256, 1):
         q, k, v, g, b, w, _ = _inputs(B, 1, H, K, V)
         S = torch.randn(B, H, K, V, device="cuda")
         step_in = [x[:, 0] for x in (q, k, v, g, b, w)]
-        default, times = dict(recurrent.LAUNCH), []
-        for cfg in SWEEP_DECODE:
-            recurrent.LAUNCH.update(cfg)
-            fn = lambda: recurrent.fused_recurrent_step_triton(*step_in, S, use_qk_l2norm=True)  # noqa: E731
-            times.append((_graph_ms(fn) * 1e3, cfg))
-        recurrent.LAUNCH.update(default)
-        for t, cfg in sorted(times, key=lambda x: x[0])[:5]:
-            print(f"decode B{B}: {t:.1f} us (graph) {cfg}")
+        _best(SWEEP_DECODE, recurrent.LAUNCH,
+              lambda: recurrent.fused_recurrent_step_triton(*step_in, S, use_qk_l2norm=True), f"decode B{B}")
+    print(f"chunk.LAUNCH = {chunk.LAUNCH}\nrecurrent.LAUNCH = {recurrent.LAUNCH}")
 
 
 def run(args: argparse.Namespace) -> Report:

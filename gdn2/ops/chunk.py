@@ -29,7 +29,8 @@ from gdn2.ops.triton_utils import (
 
 CHUNK = 64  # tokens per chunk: four sub-blocks of 16 rows
 # Launch settings, tuned on an H200 at H=16, dk=dv=128 (evals/bench_kernels.py); a dict so a sweep can override them.
-LAUNCH = dict(intra_warps=8, state_bv=64, state_warps=8, state_stages=2)
+# diag_dc: key channels per step of the all-pairs diagonal-block product (0: a loop over the 16 rows instead).
+LAUNCH = dict(intra_warps=8, diag_dc=16, state_bv=64, state_warps=8, state_stages=2)
 
 __all__ = ["chunk_gdn2_triton"]
 
@@ -38,7 +39,8 @@ __all__ = ["chunk_gdn2_triton"]
 def _load_block(q, k, v, g, b, w, tok, rmask, hk, hg, hb, hv, scale,
                 H, HV, HG, HB,
                 DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_L2NORM: tl.constexpr):
-    """One 16-row sub-block of inputs in fp32: scaled q, k, b*k, the local cumulative log-decay and w*v."""
+    """One 16-row sub-block of inputs in fp32: scaled q, k, b*k, the local cumulative log-decay, w*v, and the
+    per-row factors that normalised q (with the scale) and k."""
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
     mk = rmask[:, None] & (ck < DK)[None, :]
@@ -50,9 +52,37 @@ def _load_block(q, k, v, g, b, w, tok, rmask, hk, hg, hb, hv, scale,
     vv = tl.load(v + (tok * HV + hv)[:, None] * DV + cv[None, :], mask=mv, other=0.0).to(tl.float32)
     ww = tl.load(w + (tok * HV + hv)[:, None] * DV + cv[None, :], mask=mv, other=0.0).to(tl.float32)
     if USE_L2NORM:
-        kk = kk * tl.rsqrt(tl.sum(kk * kk, 1) + 1e-6)[:, None]
-        qq = qq * tl.rsqrt(tl.sum(qq * qq, 1) + 1e-6)[:, None]
-    return qq * scale, kk, bb * kk, tl.cumsum(gg, 0), vv * ww
+        nk = tl.rsqrt(tl.sum(kk * kk, 1) + 1e-6)
+        nq = tl.rsqrt(tl.sum(qq * qq, 1) + 1e-6) * scale
+    else:
+        nk = tl.full([tok.shape[0]], 1.0, tl.float32)
+        nq = tl.full([tok.shape[0]], 1.0, tl.float32) * scale
+    kk = kk * nk[:, None]
+    return qq * nq[:, None], kk, bb * kk, tl.cumsum(gg, 0), vv * ww, nq, nk
+
+
+@triton.jit
+def _diag_block_3d(q, k, g, b, tok, rmask, hk, hg, hb, nq, nk, H, HG, HB,
+                   DK: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, DC: tl.constexpr):
+    """Same as _diag_block, all 16 x 16 pairs at once over DC key channels at a time (inputs re-read from cache)."""
+    Tm = tl.zeros([BC, BC], dtype=tl.float32)
+    Am = tl.zeros([BC, BC], dtype=tl.float32)
+    for c0 in range(0, BK, DC):
+        cc = c0 + tl.arange(0, DC)
+        mk = rmask[:, None] & (cc < DK)[None, :]
+        kc = tl.load(k + (tok * H + hk)[:, None] * DK + cc[None, :], mask=mk, other=0.0).to(tl.float32)
+        qc = tl.load(q + (tok * H + hk)[:, None] * DK + cc[None, :], mask=mk, other=0.0).to(tl.float32)
+        gc = tl.load(g + (tok * HG + hg)[:, None] * DK + cc[None, :], mask=mk, other=0.0).to(tl.float32)
+        bc = tl.load(b + (tok * HB + hb)[:, None] * DK + cc[None, :], mask=mk, other=0.0).to(tl.float32)
+        Gc = tl.cumsum(gc, 0)
+        # [r, s, channel]: k_s decayed to row r; pairs r < s are clamped here and masked below
+        ks = kc[None, :, :] * tl.exp(tl.minimum(Gc[:, None, :] - Gc[None, :, :], 0.0))
+        Tm += tl.sum((bc * kc)[:, None, :] * ks, 2)
+        Am += tl.sum(qc[:, None, :] * ks, 2)
+    rows = tl.arange(0, BC)
+    Tm = tl.where(rows[:, None] > rows[None, :], Tm * nk[:, None] * nk[None, :], 0.0)
+    Am = tl.where(rows[:, None] >= rows[None, :], Am * nq[:, None] * nk[None, :], 0.0)
+    return Tm, Am
 
 
 @triton.jit
@@ -136,7 +166,7 @@ def _intra_chunk_kernel(
     q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, cu_seqlens, chunk_indices, scale, T, TT,
     H, HV, HG, HB,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr, PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr, PREC: tl.constexpr, DIAG_DC: tl.constexpr,
 ):
     # Sub-blocks run in a loop (not unrolled) and earlier sub-blocks' Y, U, keys and log-decay totals are read back
     # from where they were stored (cache hits), so registers hold one sub-block at a time. Kt first holds keys
@@ -167,9 +197,12 @@ def _intra_chunk_kernel(
     for i in range(4):
         m = r + i * BC < L
         t = bos + r + i * BC
-        qi, ki, bki, Gi, zi = _load_block(q, k, v, g, b, w, t, m, hk, hg, hb, hv, scale,
-                                          H, HV, HG, HB, DK, DV, BK, BV, USE_L2NORM)
-        Tii, Aii = _diag_block(qi, ki, bki, Gi, BC)
+        qi, ki, bki, Gi, zi, nq, nk = _load_block(q, k, v, g, b, w, t, m, hk, hg, hb, hv, scale,
+                                                  H, HV, HG, HB, DK, DV, BK, BV, USE_L2NORM)
+        if DIAG_DC > 0:
+            Tii, Aii = _diag_block_3d(q, k, g, b, t, m, hk, hg, hb, nq, nk, H, HG, HB, DK, BK, BC, DIAG_DC)
+        else:
+            Tii, Aii = _diag_block(qi, ki, bki, Gi, BC)
         first, total, E, Qe, Ki = _prep_block(qi, ki, bki, Gi, BC)
         _store_rows(Kt, Ki, t, m, hv, TT, DK, BK)
         tl.store(dec + i * DK, total, mask=ck < DK)
@@ -333,7 +366,7 @@ def chunk_gdn2_triton(
             q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, cu_seqlens, chunk_indices, scale, T, TT,
             H=H, HV=HV, HG=HG, HB=HB, DK=DK, DV=DV, BK=BK, BV=BV,
             IS_VARLEN=cu_seqlens is not None, USE_L2NORM=use_qk_l2norm, PREC=prec,
-            num_warps=LAUNCH["intra_warps"] if BK * BV > 64 * 64 else 4,
+            DIAG_DC=min(LAUNCH["diag_dc"], BK), num_warps=LAUNCH["intra_warps"] if BK * BV > 64 * 64 else 4,
         )
     BVS = min(BV, LAUNCH["state_bv"])
     grid2 = (triton.cdiv(DV, BVS), HV, N)
