@@ -191,10 +191,9 @@ def render(report: Report) -> str:
     return console.export_text()
 
 
-SWEEP_INTRA = [dict(intra_warps=w, diag_dc=dc) for w in (8, 4) for dc in (16, 0, 32)]
-SWEEP_STATE = [dict(state_bv=bv, state_warps=sw, state_stages=st)
-               for bv, sw in ((64, 8), (32, 4), (32, 8), (64, 4)) for st in (1, 2, 3)]
-SWEEP_DECODE = [dict(bv_large=bl, bv_small=bs, warps=w) for bl in (32, 16, 64) for bs in (16, 8, 32) for w in (4, 2, 8)]
+SWEEP_INTRA = [dict(intra_warps=w, diag_dc=dc, inv_poly=p) for w in (4, 8) for dc in (16, 0) for p in (True, False)]
+SWEEP_STATE = [dict(state_bv=bv, state_warps=8, state_stages=st) for bv in (64, 32) for st in (1, 2, 3)]
+SWEEP_DECODE = [dict(bv_large=bl, bv_small=bs, warps=w) for bl in (32, 64, 16) for bs in (16, 32, 8) for w in (4, 8)]
 
 
 def _best(configs: list[dict], launch: dict, fn, label: str) -> dict:
@@ -213,6 +212,17 @@ def _best(configs: list[dict], launch: dict, fn, label: str) -> dict:
     return times[0][1]
 
 
+def _print_kernel_times(fn) -> None:
+    """GPU time per kernel of one call, from the torch profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6, max_name_column_width=40))
+
+
 def sweep(args: argparse.Namespace) -> None:
     """Time launch-setting variants of both kernels (overriding their LAUNCH dicts); keeps the best for the run."""
     from gdn2.ops import chunk, recurrent
@@ -223,6 +233,7 @@ def sweep(args: argparse.Namespace) -> None:
         fn = lambda: chunk.chunk_gdn2_triton(q, k, v, g, b, w, use_qk_l2norm=True)  # noqa: E731
         _best(SWEEP_INTRA, chunk.LAUNCH, fn, f"prefill B{B}xT{T}")
         _best(SWEEP_STATE, chunk.LAUNCH, fn, f"prefill B{B}xT{T}")
+        _print_kernel_times(fn)
     for B in (256, 1):
         q, k, v, g, b, w, _ = _inputs(B, 1, H, K, V)
         S = torch.randn(B, H, K, V, device="cuda")

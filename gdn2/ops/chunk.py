@@ -30,7 +30,8 @@ from gdn2.ops.triton_utils import (
 CHUNK = 64  # tokens per chunk: four sub-blocks of 16 rows
 # Launch settings, tuned on an H200 at H=16, dk=dv=128 (evals/bench_kernels.py); a dict so a sweep can override them.
 # diag_dc: key channels per step of the all-pairs diagonal-block product (0: a loop over the 16 rows instead).
-LAUNCH = dict(intra_warps=8, diag_dc=16, state_bv=64, state_warps=8, state_stages=2)
+# inv_poly: invert the 16x16 diagonal blocks by nilpotent products (else forward substitution row by row).
+LAUNCH = dict(intra_warps=8, diag_dc=16, inv_poly=True, state_bv=64, state_warps=8, state_stages=2)
 
 __all__ = ["chunk_gdn2_triton"]
 
@@ -132,6 +133,20 @@ def _unit_lower_inverse(Tm, BC: tl.constexpr):
 
 
 @triton.jit
+def _unit_lower_inverse_poly(Tm, BC: tl.constexpr):
+    """(I + Tm)^-1 without a row loop: with D the 4x4 diagonal blocks of Tm and F the rest, both nilpotent of
+    index 4, (I + Tm)^-1 = (I - N + N^2 - N^3) (I - D + D^2 - D^3) where N = (I + D)^-1 F. Six 16x16 products."""
+    rows = tl.arange(0, BC)
+    eye = (rows[:, None] == rows[None, :]).to(tl.float32)
+    D = tl.where((rows // 4)[:, None] == (rows // 4)[None, :], Tm, 0.0)
+    D2 = tl.dot(D, D, input_precision="ieee")
+    Dinv = eye - D + D2 - tl.dot(D2, D, input_precision="ieee")
+    N = tl.dot(Dinv, Tm - D, input_precision="ieee")
+    N2 = tl.dot(N, N, input_precision="ieee")
+    return tl.dot(eye - N + N2 - tl.dot(N2, N, input_precision="ieee"), Dinv, input_precision="ieee")
+
+
+@triton.jit
 def _pair(E, Qe, k_to_end, lift, PREC: tl.constexpr):
     """T and Aqk blocks between a later sub-block (E, Qe) and an earlier one; `lift` <= 0 bridges the gap."""
     Kr = k_to_end * tl.exp(lift)[None, :]
@@ -140,8 +155,11 @@ def _pair(E, Qe, k_to_end, lift, PREC: tl.constexpr):
 
 
 @triton.jit
-def _solve_block(Tm, rhs_e, rhs_z, PREC: tl.constexpr, BC: tl.constexpr):
-    Ainv = _unit_lower_inverse(Tm, BC)
+def _solve_block(Tm, rhs_e, rhs_z, PREC: tl.constexpr, BC: tl.constexpr, INV_POLY: tl.constexpr):
+    if INV_POLY:
+        Ainv = _unit_lower_inverse_poly(Tm, BC)
+    else:
+        Ainv = _unit_lower_inverse(Tm, BC)
     return tl.dot(Ainv, rhs_e, input_precision=PREC), tl.dot(Ainv, rhs_z, input_precision=PREC)
 
 
@@ -167,6 +185,7 @@ def _intra_chunk_kernel(
     H, HV, HG, HB,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr, PREC: tl.constexpr, DIAG_DC: tl.constexpr,
+    INV_POLY: tl.constexpr,
 ):
     # Sub-blocks run in a loop (not unrolled) and earlier sub-blocks' Y, U, keys and log-decay totals are read back
     # from where they were stored (cache hits), so registers hold one sub-block at a time. Kt first holds keys
@@ -224,7 +243,7 @@ def _intra_chunk_kernel(
             acc_q += tl.dot(Aij, Yj, input_precision=PREC)
             acc_o += tl.dot(Aij, Uj, input_precision=PREC)
             lift += tl.load(dec + j * DK, mask=ck < DK, other=0.0)
-        Yi, Ui = _solve_block(Tii, rhs_e, rhs_z, PREC, BC)
+        Yi, Ui = _solve_block(Tii, rhs_e, rhs_z, PREC, BC, INV_POLY)
         _store_rows(Y, Yi, t, m, hv, TT, DK, BK)
         _store_rows(U, Ui, t, m, hv, TT, DV, BV)
         _store_rows(Qs, qi * eG - acc_q - tl.dot(Aii, Yi, input_precision=PREC), t, m, hv, TT, DK, BK)
@@ -366,7 +385,7 @@ def chunk_gdn2_triton(
             q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, cu_seqlens, chunk_indices, scale, T, TT,
             H=H, HV=HV, HG=HG, HB=HB, DK=DK, DV=DV, BK=BK, BV=BV,
             IS_VARLEN=cu_seqlens is not None, USE_L2NORM=use_qk_l2norm, PREC=prec,
-            DIAG_DC=min(LAUNCH["diag_dc"], BK), num_warps=LAUNCH["intra_warps"] if BK * BV > 64 * 64 else 4,
+            DIAG_DC=min(LAUNCH["diag_dc"], BK), INV_POLY=LAUNCH["inv_poly"], num_warps=LAUNCH["intra_warps"] if BK * BV > 64 * 64 else 4,
         )
     BVS = min(BV, LAUNCH["state_bv"])
     grid2 = (triton.cdiv(DV, BVS), HV, N)
