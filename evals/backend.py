@@ -23,7 +23,8 @@ from lm_eval.api.registry import register_model
 from gdn2.model import GPT
 from gdn2.tokenizer import Tokenizer
 
-BOS_POLICIES = ("auto", "true", "false")
+BOS_VALUES = {"auto": None, "true": True, "bos": True, "1": True, "yes": True,
+              "false": False, "none": False, "0": False, "no": False}
 
 
 def _as_bool(x: Any) -> bool:
@@ -109,15 +110,21 @@ class GDN2LM(TemplateLM):
 
     # ---- identity, recorded with every result ----------------------------------------------------------------------
     def _resolve_bos(self, bos: str | bool) -> bool:
+        """BOS policy: true/bos (one BOS before every context), false/none, or auto (the checkpoint's default)."""
         value = str(bos).lower()
-        if value not in BOS_POLICIES:
-            raise ValueError(f"bos={bos!r}: use bos=true, bos=false or bos=auto")
-        if value == "auto":
-            default = getattr(self.loaded, "default_bos", None)
-            return bool(default) if default is not None else self.tok.bos_id is not None
-        if value == "true" and self.tok.bos_id is None:
+        if value not in BOS_VALUES:
+            raise ValueError(f"bos={bos!r}: use bos=true (or bos), bos=false (or none) or bos=auto")
+        wanted = BOS_VALUES[value]
+        if wanted is None:
+            policy = getattr(self.loaded, "bos_policy", None)
+            wanted = policy == "bos" if policy else self.tok.bos_id is not None
+        if wanted and self.tok.bos_id is None:
             raise ValueError(f"bos=true but tokenizer {self.tok.name} has no BOS token; use bos=false")
-        return value == "true"
+        return wanted
+
+    def set_bos(self, bos: str | bool) -> None:
+        """Switch the BOS policy between tasks (suites set it per task, as each paper table did)."""
+        self.bos = self._resolve_bos(bos)
 
     def describe(self) -> dict:
         """What was evaluated and how: stored in every result's config."""
@@ -128,7 +135,8 @@ class GDN2LM(TemplateLM):
             "max_batch_tokens": self.batching.max_batch_tokens, "model_config": self.model.config.to_dict(),
         }
         if self.loaded is not None:
-            info.update(checkpoint=str(self.loaded.source), format=self.loaded.format, sha256=self.loaded.sha256)
+            info.update(checkpoint=str(self.loaded.path), format=self.loaded.format, sha256=self.loaded.sha256,
+                        tokenizer_note=self.loaded.tokenizer_note, inferred=self.loaded.inferred)
         return info
 
     @property
@@ -194,6 +202,7 @@ class GDN2LM(TemplateLM):
             members = [groups[contexts[j]] for j in batch]
             for idx, res in zip(sum(members, []), self._score_batch(ctxs, members, requests)):
                 results[idx] = res
+                self.cache_hook.add_partial("loglikelihood", requests[idx][0], res)
             self.progress.update(sum(len(m) for m in members), sum(len(c) for c in ctxs))
         return results
 
@@ -234,6 +243,7 @@ class GDN2LM(TemplateLM):
         for batch in self._batches(order, [min(len(d), self.batching.rolling_chunk) for d in docs]):
             for i, ll in zip(batch, self._rolling_batch([docs[i] for i in batch])):
                 out[i] = ll
+                self.cache_hook.add_partial("loglikelihood_rolling", requests[i].args, ll)
             self.progress.update(len(batch), sum(len(docs[i]) for i in batch))
         return out
 
@@ -279,6 +289,7 @@ class GDN2LM(TemplateLM):
                 texts = self._greedy([ctxs[j] for j in batch], until, max_new)
                 for j, text in zip(batch, texts):
                     out[idxs[j]] = text
+                    self.cache_hook.add_partial("generate_until", requests[idxs[j]].args, text)
                 self.progress.update(len(batch), sum(len(ctxs[j]) for j in batch))
         return out
 

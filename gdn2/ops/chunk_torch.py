@@ -78,31 +78,39 @@ def chunk_gdn2_torch(
     return o.to(out_dtype), final
 
 
-def _decay_scores(x: torch.Tensor, k: torch.Tensor, G: torch.Tensor, strict: bool, sub: int = 16) -> torch.Tensor:
-    """sum_j x_r[j] k_s[j] exp(G_r[j] - G_s[j]) for s < r (strict) or s <= r, per chunk: [.., NC, C, C].
+def _decay_scores(xs: list[torch.Tensor], k: torch.Tensor, G: torch.Tensor, sub: int = 16) -> list[torch.Tensor]:
+    """For each x in xs: sum_j x_r[j] k_s[j] exp(G_r[j] - G_s[j]) for s <= r, per chunk: [.., NC, C, C].
 
     Pairs inside a sub-block of `sub` rows take the exact pairwise form; a pair across sub-blocks splits its
     ratio at the row just before the query's sub-block: exp(G_r - G_ref) * exp(G_ref - G_s), both factors <= 1,
-    so nothing overflows, and the cross-block part is a matmul instead of a [C, C, dk] tensor.
+    so nothing overflows, and the cross-block part is a matmul instead of a [C, C, dk] tensor. The decay
+    factors are built once and shared by every x (the erase rows for T and the queries for Aqk).
     """
     *lead, NC, C, dk = k.shape
     sub = min(sub, C)
     nb = C // sub
-    xb, kb, Gb = (t.reshape(*lead, NC, nb, sub, dk) for t in (x, k, G))
-    tri = torch.ones(sub, sub, dtype=torch.bool, device=k.device).tril(-1 if strict else 0)
-    pair = (Gb[..., :, None, :] - Gb[..., None, :, :]).masked_fill(~tri[:, :, None], float("-inf")).exp()
-    intra = torch.einsum("...rj,...rsj->...rs", xb, pair * kb[..., None, :, :])  # [.., NC, nb, sub, sub]
-    scores = torch.zeros(*lead, NC, nb, sub, nb, sub, dtype=k.dtype, device=k.device)
+    kb, Gb = (t.reshape(*lead, NC, nb, sub, dk) for t in (k, G))
+    tri = torch.ones(sub, sub, dtype=torch.bool, device=k.device).tril()
+    pair_k = (Gb[..., :, None, :] - Gb[..., None, :, :]).masked_fill(~tri[:, :, None], float("-inf")).exp()
+    pair_k = pair_k * kb[..., None, :, :]  # [.., NC, nb, sub(r), sub(s), dk]
     blocks = torch.arange(nb, device=k.device)
-    scores[..., blocks, :, blocks, :] = intra.movedim(-3, 0)
     if nb > 1:
         ref = Gb[..., :-1, -1, :]  # [.., NC, nb-1, dk]: G at the last row before query blocks 1..nb-1
-        xq = xb[..., 1:, :, :] * (Gb[..., 1:, :, :] - ref[..., None, :]).exp()
+        q_decay = (Gb[..., 1:, :, :] - ref[..., None, :]).exp()
         before = torch.arange(C, device=k.device)[None, :] < (torch.arange(1, nb, device=k.device) * sub)[:, None]
         expo = (ref[..., :, None, :] - G[..., None, :, :]).masked_fill(~before[:, :, None], float("-inf"))
-        inter = xq @ (k[..., None, :, :] * expo.exp()).transpose(-1, -2)  # [.., NC, nb-1, sub, C]
-        scores[..., 1:, :, :, :] += inter.unflatten(-1, (nb, sub))
-    return scores.reshape(*lead, NC, C, C)
+        k_decay = (k[..., None, :, :] * expo.exp()).transpose(-1, -2)  # [.., NC, nb-1, dk, C]
+    out = []
+    for x in xs:
+        xb = x.reshape(*lead, NC, nb, sub, dk)
+        intra = torch.einsum("...rj,...rsj->...rs", xb, pair_k)  # [.., NC, nb, sub, sub]
+        scores = torch.zeros(*lead, NC, nb, sub, nb, sub, dtype=k.dtype, device=k.device)
+        scores[..., blocks, :, blocks, :] = intra.movedim(-3, 0)
+        if nb > 1:
+            inter = (xb[..., 1:, :, :] * q_decay) @ k_decay  # [.., NC, nb-1, sub, C]
+            scores[..., 1:, :, :, :] += inter.unflatten(-1, (nb, sub))
+        out.append(scores.reshape(*lead, NC, C, C))
+    return out
 
 
 def _intra_chunk(q, k, b, z, G):
@@ -111,14 +119,15 @@ def _intra_chunk(q, k, b, z, G):
     per_chunk = C * C * dk * max(1, int(torch.tensor(lead).prod()))
     step = max(1, 4 * _MAX_PAIRWISE_ELEMENTS // per_chunk)
     eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    strict = torch.ones(C, C, dtype=torch.bool, device=k.device).tril(-1)
     Ys, Us, Aqks = [], [], []
     for c0 in range(0, NC, step):
         sl = slice(c0, c0 + step)
         Gc, kc = G[..., sl, :, :], k[..., sl, :, :]
-        Tm = _decay_scores(b[..., sl, :, :] * kc, kc, Gc, strict=True)
-        Aqk = _decay_scores(q[..., sl, :, :], kc, Gc, strict=False)
-        rhs = torch.cat([Gc.exp() * b[..., sl, :, :] * kc, z[..., sl, :, :]], dim=-1)
-        sol = torch.linalg.solve_triangular(eye + Tm, rhs, upper=False, unitriangular=True)
+        erase = b[..., sl, :, :] * kc
+        Tm, Aqk = _decay_scores([erase, q[..., sl, :, :]], kc, Gc)
+        rhs = torch.cat([Gc.exp() * erase, z[..., sl, :, :]], dim=-1)
+        sol = torch.linalg.solve_triangular(eye + Tm * strict, rhs, upper=False, unitriangular=True)
         Ys.append(sol[..., :dk])
         Us.append(sol[..., dk:])
         Aqks.append(Aqk)
@@ -129,14 +138,12 @@ def _varlen(q, k, v, g, b, w, scale, initial_state, output_final_state, cu_seqle
     """Packed sequences -> a zero-padded dense batch (exact, see above) -> packed outputs."""
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B={q.shape[0]}")
-    cu = cu_seqlens.tolist()
-    lengths = [b_ - a for a, b_ in zip(cu, cu[1:])]
-    N, Tmax = len(lengths), max(lengths) if lengths else 0
-    idx = torch.zeros(N, Tmax, dtype=torch.long, device=q.device)
-    valid = torch.zeros(N, Tmax, dtype=torch.bool, device=q.device)
-    for n, (start, L) in enumerate(zip(cu, lengths)):
-        idx[n, :L] = torch.arange(start, start + L, device=q.device)
-        valid[n, :L] = True
+    cu = cu_seqlens.to(device=q.device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    Tmax = int(lengths.max()) if len(lengths) else 0
+    cols = torch.arange(Tmax, device=q.device)
+    valid = cols[None, :] < lengths[:, None]
+    idx = torch.where(valid, cu[:-1, None] + cols[None, :], 0)
 
     def dense(x: torch.Tensor) -> torch.Tensor:
         return x[0][idx] * valid[..., None, None].to(x.dtype)

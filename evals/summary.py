@@ -1,0 +1,47 @@
+"""The summary table printed at the end of `run_eval.py run`: checkpoints side by side, one column per cell."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from evals.results import load_run
+
+
+def _columns(suite_name: str | None, results) -> list[tuple[str, str, str, bool]]:
+    """(header, task, metric, percent) for every column to show."""
+    if suite_name:
+        from tasks import catalog
+
+        suite = catalog.load_suite(suite_name)
+        cols = [(name, c.task, c.metric, c.percent) for name, c in suite.columns.items()]
+        if cols:
+            return cols
+    cols = []
+    for r in results:
+        for task, metrics in sorted(r.scores.items()):
+            for metric in sorted(metrics):
+                key = (f"{task} {metric}", task, metric, "perplexity" not in metric)
+                if key not in cols:
+                    cols.append(key)
+    return cols
+
+
+def summary_table(out_dir: str, labels: list[str], suite: str | None = None) -> Table:
+    runs = [r for r in load_run(out_dir) if r.label in labels]
+    runs.sort(key=lambda r: labels.index(r.label))
+    table = Table(title=f"{suite or 'run'}: {out_dir}")
+    table.add_column("checkpoint", style="bold")
+    cols = _columns(suite, runs)
+    for header, *_ in cols:
+        table.add_column(header, justify="right")
+    for r in runs:
+        cells = []
+        for _, task, metric, percent in cols:
+            value = r.score(task, metric)
+            cells.append("-" if value is None else f"{100 * value:.1f}" if percent else f"{value:.2f}")
+        table.add_row(r.label, *cells)
+    return table
+
+
+def print_summary(out_dir: str, labels: list[str], suite: str | None = None) -> None:
+    Console().print(summary_table(out_dir, labels, suite))
