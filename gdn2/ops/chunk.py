@@ -1,7 +1,7 @@
 """Triton chunked prefill for the gated delta rule-2: forward only, two fused kernels.
 
 Pass 1 (`_intra_chunk_kernel`, one program per chunk of 64 tokens and value head, all in parallel) solves each
-chunk on its own in registers, in four sub-blocks of 16 rows, and writes what the state pass needs:
+chunk on its own and writes what the state pass needs:
     Y  = A (e^G b k)            U  = A (w v)                        A = (I + T)^-1
     Qs = e^G q - Aqk Y          Oi = Aqk U                          Kt = e^(G_C - G) k,   gC = G_C
 so that with the chunk's start state S the chunk's output and end state are (Eqs. 22-24 rearranged)
@@ -9,9 +9,12 @@ so that with the chunk's start state S the chunk's output and end state are (Eqs
 Pass 2 (`_state_pass_kernel`, one program per sequence, value head and dv block) walks the chunks in order with S
 in registers: three small matrix products per chunk and no per-chunk state ever written to memory.
 
-Decay ratios are exponentials of sums of non-positive pieces (per sub-block local cumulative sums, sub-block totals
-and the first row of the later sub-block as reference point), so every factor is <= 1 and strong decays
-(g near -20 per token) stay finite and accurate. Intermediates are bf16 for bf16 inputs and fp32 otherwise; the
+It first builds T and Aqk in 16 x 16 blocks (in a loop over four sub-blocks of 16 rows), with decay ratios taken
+as exponentials of sums of non-positive pieces (sub-block local cumulative sums, sub-block totals, and the first
+row of the later sub-block as reference point), so every factor is <= 1 and strong decays (g near -20 per token)
+stay finite and accurate; inside a sub-block the pairs come from one small product when its decay is mild and
+channel by channel otherwise. The blocks are assembled through a per-program scratch, (I + T) is inverted by
+nilpotent products at three levels (4, 16, 64 rows), and the outputs are four 64-row matrix products. Intermediates are bf16 for bf16 inputs and fp32 otherwise; the
 state and every accumulator are fp32.
 """
 from __future__ import annotations
@@ -31,41 +34,51 @@ CHUNK = 64  # tokens per chunk: four sub-blocks of 16 rows
 # Launch settings, tuned on an H200 at H=16, dk=dv=128 (evals/bench_kernels.py); a dict so a sweep can override them.
 # diag_dc: key channels per step of the all-pairs diagonal-block product (0: a loop over the 16 rows instead).
 # inv_poly: invert the 16x16 diagonal blocks by nilpotent products (else forward substitution row by row).
-LAUNCH = dict(intra_warps=8, diag_dc=16, inv_poly=True, state_bv=64, state_warps=8, state_stages=2)
+LAUNCH = dict(intra_warps=8, diag_dc=16, state_bv=64, state_warps=8, state_stages=3)
+SAFE_SUB_DECAY = 20.0  # largest log-decay inside a sub-block for which one product (with e^20 factors) is exact
 
 __all__ = ["chunk_gdn2_triton"]
 
 
 @triton.jit
-def _load_block(q, k, v, g, b, w, tok, rmask, hk, hg, hb, hv, scale,
-                H, HV, HG, HB,
-                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_L2NORM: tl.constexpr):
-    """One 16-row sub-block of inputs in fp32: scaled q, k, b*k, the local cumulative log-decay, w*v, and the
-    per-row factors that normalised q (with the scale) and k."""
-    ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
-    mk = rmask[:, None] & (ck < DK)[None, :]
-    mv = rmask[:, None] & (cv < DV)[None, :]
-    kk = tl.load(k + (tok * H + hk)[:, None] * DK + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-    qq = tl.load(q + (tok * H + hk)[:, None] * DK + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-    gg = tl.load(g + (tok * HG + hg)[:, None] * DK + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-    bb = tl.load(b + (tok * HB + hb)[:, None] * DK + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-    vv = tl.load(v + (tok * HV + hv)[:, None] * DV + cv[None, :], mask=mv, other=0.0).to(tl.float32)
-    ww = tl.load(w + (tok * HV + hv)[:, None] * DV + cv[None, :], mask=mv, other=0.0).to(tl.float32)
-    if USE_L2NORM:
-        nk = tl.rsqrt(tl.sum(kk * kk, 1) + 1e-6)
-        nq = tl.rsqrt(tl.sum(qq * qq, 1) + 1e-6) * scale
-    else:
-        nk = tl.full([tok.shape[0]], 1.0, tl.float32)
-        nq = tl.full([tok.shape[0]], 1.0, tl.float32) * scale
-    kk = kk * nk[:, None]
-    return qq * nq[:, None], kk, bb * kk, tl.cumsum(gg, 0), vv * ww, nq, nk
+def _load_in(ptr, tok, rmask, head, NH, D: tl.constexpr, BD: tl.constexpr):
+    """Rows `tok` of head `head` of a token-major [.., NH, D] input, in fp32 (zeros outside the sequence)."""
+    c = tl.arange(0, BD)
+    return tl.load(ptr + (tok * NH + head)[:, None] * D + c[None, :], mask=rmask[:, None] & (c < D)[None, :],
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _diag_block_3d(q, k, g, b, tok, rmask, hk, hg, hb, nq, nk, H, HG, HB,
-                   DK: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, DC: tl.constexpr):
-    """Same as _diag_block, all 16 x 16 pairs at once over DC key channels at a time (inputs re-read from cache)."""
+def _l2_factor(x, scale, USE_L2NORM: tl.constexpr):
+    """Per-row factor that L2-normalises x (eps 1e-6) and applies `scale`."""
+    if USE_L2NORM:
+        return tl.rsqrt(tl.sum(x * x, 1) + 1e-6) * scale
+    return tl.full([x.shape[0]], 1.0, tl.float32) * scale
+
+
+@triton.jit
+def _load_qkbg(q, k, g, b, tok, rmask, hk, hg, hb, scale, H, HG, HB,
+               DK: tl.constexpr, BK: tl.constexpr, USE_L2NORM: tl.constexpr):
+    """Rows of q (normalised and scaled), k (normalised), b and g in fp32, and the per-row normalising factors."""
+    kk = _load_in(k, tok, rmask, hk, H, DK, BK)
+    qq = _load_in(q, tok, rmask, hk, H, DK, BK)
+    nk = _l2_factor(kk, 1.0, USE_L2NORM)
+    nq = _l2_factor(qq, scale, USE_L2NORM)
+    return (qq * nq[:, None], kk * nk[:, None], _load_in(b, tok, rmask, hb, HB, DK, BK),
+            _load_in(g, tok, rmask, hg, HG, DK, BK), nq, nk)
+
+
+@triton.jit
+def _row(x, i, BC: tl.constexpr):
+    """Row i of a [BC, N] tile as an [N] vector."""
+    return tl.sum(tl.where(tl.arange(0, BC)[:, None] == i, x, 0.0), 0)
+
+
+@triton.jit
+def _diag_exact(q, k, g, b, tok, rmask, hk, hg, hb, nq, nk, H, HG, HB,
+                DK: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, DC: tl.constexpr):
+    """Strictly lower T and causal Aqk inside one sub-block with every pair's decay exp(G_r - G_s) formed
+    channel by channel (DC key channels at a time, inputs re-read from cache): exact for any decay."""
     Tm = tl.zeros([BC, BC], dtype=tl.float32)
     Am = tl.zeros([BC, BC], dtype=tl.float32)
     for c0 in range(0, BK, DC):
@@ -87,63 +100,36 @@ def _diag_block_3d(q, k, g, b, tok, rmask, hk, hg, hb, nq, nk, H, HG, HB,
 
 
 @triton.jit
-def _row(x, i, BC: tl.constexpr):
-    """Row i of a [BC, N] tile as an [N] vector."""
-    return tl.sum(tl.where(tl.arange(0, BC)[:, None] == i, x, 0.0), 0)
-
-
-@triton.jit
-def _prep_block(qq, kk, bk, G, BC: tl.constexpr):
-    """Reference-point factors of a sub-block: its first-row and total log-decay, decayed rows for the pairs."""
-    first = _row(G, 0, BC)
-    total = _row(G, BC - 1, BC)
-    to_first = tl.exp(G - first[None, :])  # <= 1: rows decayed back to the sub-block's first row
-    k_to_end = kk * tl.exp(tl.minimum(total[None, :] - G, 0.0))  # <= 1: keys decayed to the sub-block's end
-    return first, total, bk * to_first, qq * to_first, k_to_end
-
-
-@triton.jit
-def _diag_block(qq, kk, bk, G, BC: tl.constexpr):
-    """Exact pairwise decays inside one sub-block: strictly lower T and causal (incl. diagonal) Aqk."""
+def _diag_fast(E, Qe, kk, G, first, PREC: tl.constexpr, BC: tl.constexpr):
+    """The same two blocks from one product each, keys lifted to the sub-block's first row by exp(first - G):
+    valid while that stays below e^SAFE_SUB_DECAY."""
+    Kf = kk * tl.exp(first[None, :] - G)
     rows = tl.arange(0, BC)
-    Tm = tl.zeros([BC, BC], dtype=tl.float32)
-    Am = tl.zeros([BC, BC], dtype=tl.float32)
-    for j in range(BC):
-        kj = _row(kk, j, BC)
-        Gj = _row(G, j, BC)
-        # rows r >= j decay by exp(G_r - G_j) <= 1; rows before j are masked out below
-        kd = kj[None, :] * tl.exp(tl.minimum(G - Gj[None, :], 0.0))
-        col = rows[None, :] == j
-        Tm = tl.where(col & (rows[:, None] > j), tl.sum(bk * kd, 1)[:, None], Tm)
-        Am = tl.where(col & (rows[:, None] >= j), tl.sum(qq * kd, 1)[:, None], Am)
+    Tm = tl.where(rows[:, None] > rows[None, :], tl.dot(E, tl.trans(Kf), input_precision=PREC), 0.0)
+    Am = tl.where(rows[:, None] >= rows[None, :], tl.dot(Qe, tl.trans(Kf), input_precision=PREC), 0.0)
     return Tm, Am
 
 
 @triton.jit
-def _unit_lower_inverse(Tm, BC: tl.constexpr):
-    """(I + Tm)^-1 for strictly lower Tm by forward substitution, one row at a time."""
-    rows = tl.arange(0, BC)
-    eye = (rows[:, None] == rows[None, :]).to(tl.float32)
-    A = eye
-    for i in range(1, BC):
-        ti = _row(Tm, i, BC)
-        new = -tl.sum(ti[:, None] * A, 0)
-        A = tl.where(rows[:, None] == i, eye + new[None, :], A)
-    return A
+def _inverse_nilpotent4(N, eye, PREC: tl.constexpr):
+    """(I + N)^-1 = (I - N)(I + N^2) for N with N^4 = 0."""
+    return tl.dot(eye - N, eye + tl.dot(N, N, input_precision=PREC), input_precision=PREC)
 
 
 @triton.jit
-def _unit_lower_inverse_poly(Tm, BC: tl.constexpr):
-    """(I + Tm)^-1 without a row loop: with D the 4x4 diagonal blocks of Tm and F the rest, both nilpotent of
-    index 4, (I + Tm)^-1 = (I - N + N^2 - N^3) (I - D + D^2 - D^3) where N = (I + D)^-1 F. Six 16x16 products."""
-    rows = tl.arange(0, BC)
+def _unit_lower_inverse(Tm, PREC: tl.constexpr, BT: tl.constexpr):
+    """(I + Tm)^-1 for strictly lower Tm [64, 64] without a row loop: invert the 4 x 4 diagonal blocks, then grow
+    to 16 x 16 and to 64 x 64, each step (I + D + F)^-1 = (I + N)^-1 (I + D)^-1 with N = (I + D)^-1 F nilpotent
+    of index 4. Ten 64 x 64 products, each series four terms long."""
+    rows = tl.arange(0, BT)
     eye = (rows[:, None] == rows[None, :]).to(tl.float32)
-    D = tl.where((rows // 4)[:, None] == (rows // 4)[None, :], Tm, 0.0)
-    D2 = tl.dot(D, D, input_precision="ieee")
-    Dinv = eye - D + D2 - tl.dot(D2, D, input_precision="ieee")
-    N = tl.dot(Dinv, Tm - D, input_precision="ieee")
-    N2 = tl.dot(N, N, input_precision="ieee")
-    return tl.dot(eye - N + N2 - tl.dot(N2, N, input_precision="ieee"), Dinv, input_precision="ieee")
+    in4 = (rows // 4)[:, None] == (rows // 4)[None, :]
+    in16 = (rows // 16)[:, None] == (rows // 16)[None, :]
+    inv = _inverse_nilpotent4(tl.where(in4, Tm, 0.0), eye, PREC)
+    N = tl.dot(inv, tl.where(in16 & ~in4, Tm, 0.0), input_precision=PREC)
+    inv = tl.dot(_inverse_nilpotent4(N, eye, PREC), inv, input_precision=PREC)
+    N = tl.dot(inv, tl.where(in16, 0.0, Tm), input_precision=PREC)
+    return tl.dot(_inverse_nilpotent4(N, eye, PREC), inv, input_precision=PREC)
 
 
 @triton.jit
@@ -155,42 +141,41 @@ def _pair(E, Qe, k_to_end, lift, PREC: tl.constexpr):
 
 
 @triton.jit
-def _solve_block(Tm, rhs_e, rhs_z, PREC: tl.constexpr, BC: tl.constexpr, INV_POLY: tl.constexpr):
-    if INV_POLY:
-        Ainv = _unit_lower_inverse_poly(Tm, BC)
-    else:
-        Ainv = _unit_lower_inverse(Tm, BC)
-    return tl.dot(Ainv, rhs_e, input_precision=PREC), tl.dot(Ainv, rhs_z, input_precision=PREC)
+def _rows_ptr(ptr, tok, hv, TT, D: tl.constexpr, BD: tl.constexpr):
+    """Pointers and column mask of rows `tok` in a head-major [HV, TT, D] intermediate."""
+    c = tl.arange(0, BD)
+    return ptr + (hv * TT + tok)[:, None] * D + c[None, :], (c < D)[None, :]
 
 
 @triton.jit
 def _store_rows(ptr, x, tok, rmask, hv, TT, D: tl.constexpr, BD: tl.constexpr):
-    """Store a [BC, BD] tile into a head-major [HV, TT, D] intermediate."""
-    c = tl.arange(0, BD)
-    tl.store(ptr + (hv * TT + tok)[:, None] * D + c[None, :], x.to(ptr.dtype.element_ty),
-             mask=rmask[:, None] & (c < D)[None, :])
+    p, cm = _rows_ptr(ptr, tok, hv, TT, D, BD)
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=rmask[:, None] & cm)
 
 
 @triton.jit
 def _load_rows(ptr, tok, rmask, hv, TT, D: tl.constexpr, BD: tl.constexpr):
-    """Load back, in fp32, a [BC, BD] tile this program stored earlier (after a barrier)."""
-    c = tl.arange(0, BD)
-    return tl.load(ptr + (hv * TT + tok)[:, None] * D + c[None, :], mask=rmask[:, None] & (c < D)[None, :],
-                   other=0.0).to(tl.float32)
+    p, cm = _rows_ptr(ptr, tok, hv, TT, D, BD)
+    return tl.load(p, mask=rmask[:, None] & cm, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _block_ptr(ptr, i, j, BC: tl.constexpr, BT: tl.constexpr):
+    """Pointers of block (i, j) of a [BT, BT] scratch matrix."""
+    r = tl.arange(0, BC)
+    return ptr + (i * BC + r)[:, None] * BT + (j * BC + r)[None, :]
 
 
 @triton.jit
 def _intra_chunk_kernel(
-    q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, cu_seqlens, chunk_indices, scale, T, TT,
+    q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T, TT,
     H, HV, HG, HB,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr, PREC: tl.constexpr, DIAG_DC: tl.constexpr,
-    INV_POLY: tl.constexpr,
+    SAFE: tl.constexpr,
 ):
-    # Sub-blocks run in a loop (not unrolled) and earlier sub-blocks' Y, U, keys and log-decay totals are read back
-    # from where they were stored (cache hits), so registers hold one sub-block at a time. Kt first holds keys
-    # decayed to their own sub-block's end; they are rescaled to the chunk's end at the close.
     BC: tl.constexpr = 16
+    BT: tl.constexpr = 64
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     hv = i_bh % HV
@@ -208,58 +193,77 @@ def _intra_chunk_kernel(
     hk = hv // (HV // H)
     hg = hv // (HV // HG)
     hb = hv // (HV // HB)
-    r = i_t * 64 + tl.arange(0, BC)
-    ck = tl.arange(0, BK)
-    dec = gC + (chunk_id * HV + hv) * 5 * DK + ck  # slots 0-3: sub-block totals, slot 4: chunk total
-    prefix = tl.zeros([BK], dtype=tl.float32)  # log-decay from the chunk's start to this sub-block's start
+    prog = chunk_id * HV + hv
+    dec = gC + prog * 5 * DK + tl.arange(0, BK)  # slots 0-3: sub-block log-decay totals, 4: the chunk's
+    dmask = tl.arange(0, BK) < DK
+    Tbuf = TA + prog * 2 * BT * BT  # scratch: T, then Aqk
+    Abuf = Tbuf + BT * BT
+    r = i_t * BT + tl.arange(0, BC)
 
+    # 1. T and Aqk in 16 x 16 blocks; Kt holds keys decayed to their own sub-block's end for the later pairs
     for i in range(4):
         m = r + i * BC < L
         t = bos + r + i * BC
-        qi, ki, bki, Gi, zi, nq, nk = _load_block(q, k, v, g, b, w, t, m, hk, hg, hb, hv, scale,
-                                                  H, HV, HG, HB, DK, DV, BK, BV, USE_L2NORM)
-        if DIAG_DC > 0:
-            Tii, Aii = _diag_block_3d(q, k, g, b, t, m, hk, hg, hb, nq, nk, H, HG, HB, DK, BK, BC, DIAG_DC)
+        qi, ki, bi, gi, nq, nk = _load_qkbg(q, k, g, b, t, m, hk, hg, hb, scale, H, HG, HB, DK, BK, USE_L2NORM)
+        G = tl.cumsum(gi, 0)
+        first = _row(G, 0, BC)
+        total = _row(G, BC - 1, BC)
+        to_first = tl.exp(G - first[None, :])  # <= 1
+        E = bi * ki * to_first
+        Qe = qi * to_first
+        _store_rows(Kt, ki * tl.exp(tl.minimum(total[None, :] - G, 0.0)), t, m, hv, TT, DK, BK)
+        tl.store(dec + i * DK, total, mask=dmask)
+        if tl.max(first - total, 0) < SAFE:
+            Tii, Aii = _diag_fast(E, Qe, ki, G, first, PREC, BC)
         else:
-            Tii, Aii = _diag_block(qi, ki, bki, Gi, BC)
-        first, total, E, Qe, Ki = _prep_block(qi, ki, bki, Gi, BC)
-        _store_rows(Kt, Ki, t, m, hv, TT, DK, BK)
-        tl.store(dec + i * DK, total, mask=ck < DK)
-        eG = tl.exp(prefix[None, :] + Gi)
-        rhs_e = bki * eG
-        rhs_z = zi
-        acc_q = tl.zeros([BC, BK], dtype=tl.float32)
-        acc_o = tl.zeros([BC, BV], dtype=tl.float32)
+            Tii, Aii = _diag_exact(q, k, g, b, t, m, hk, hg, hb, nq, nk, H, HG, HB, DK, BK, BC, DIAG_DC)
+        tl.store(_block_ptr(Tbuf, i, i, BC, BT), Tii)
+        tl.store(_block_ptr(Abuf, i, i, BC, BT), Aii)
+        tl.debug_barrier()
         lift = first  # log-decay from the end of sub-block j to the first row of sub-block i, all pieces <= 0
         for jj in range(i):
             j = i - 1 - jj
-            mj = r + j * BC < L
-            tj = bos + r + j * BC
-            Tij, Aij = _pair(E, Qe, _load_rows(Kt, tj, mj, hv, TT, DK, BK), lift, PREC)
-            Yj = _load_rows(Y, tj, mj, hv, TT, DK, BK)
-            Uj = _load_rows(U, tj, mj, hv, TT, DV, BV)
-            rhs_e -= tl.dot(Tij, Yj, input_precision=PREC)
-            rhs_z -= tl.dot(Tij, Uj, input_precision=PREC)
-            acc_q += tl.dot(Aij, Yj, input_precision=PREC)
-            acc_o += tl.dot(Aij, Uj, input_precision=PREC)
-            lift += tl.load(dec + j * DK, mask=ck < DK, other=0.0)
-        Yi, Ui = _solve_block(Tii, rhs_e, rhs_z, PREC, BC, INV_POLY)
-        _store_rows(Y, Yi, t, m, hv, TT, DK, BK)
-        _store_rows(U, Ui, t, m, hv, TT, DV, BV)
-        _store_rows(Qs, qi * eG - acc_q - tl.dot(Aii, Yi, input_precision=PREC), t, m, hv, TT, DK, BK)
-        _store_rows(Oi, acc_o + tl.dot(Aii, Ui, input_precision=PREC), t, m, hv, TT, DV, BV)
-        prefix += total
-        tl.debug_barrier()
+            Kj = _load_rows(Kt, bos + r + j * BC, r + j * BC < L, hv, TT, DK, BK)
+            Tij, Aij = _pair(E, Qe, Kj, lift, PREC)
+            tl.store(_block_ptr(Tbuf, i, j, BC, BT), Tij)
+            tl.store(_block_ptr(Abuf, i, j, BC, BT), Aij)
+            lift += tl.load(dec + j * DK, mask=dmask, other=0.0)
+    tl.debug_barrier()
 
-    # keys decayed to the chunk's end: sub-block j's by the totals of the sub-blocks after it
-    suffix = tl.load(dec + 3 * DK, mask=ck < DK, other=0.0)
-    for jj in range(3):
-        j = 2 - jj
-        mj = r + j * BC < L
-        tj = bos + r + j * BC
-        _store_rows(Kt, _load_rows(Kt, tj, mj, hv, TT, DK, BK) * tl.exp(suffix)[None, :], tj, mj, hv, TT, DK, BK)
-        suffix += tl.load(dec + j * DK, mask=ck < DK, other=0.0)
-    tl.store(dec + 4 * DK, prefix, mask=ck < DK)
+    # 2. the whole chunk: A = (I + T)^-1, then Y, U, Qs, Oi as 64-row products
+    rt = i_t * BT + tl.arange(0, BT)
+    mt = rt < L
+    tt = bos + rt
+    rows = tl.arange(0, BT)
+    lower = (rows // BC)[:, None] >= (rows // BC)[None, :]  # blocks above the diagonal were never written
+    Tm = tl.where(lower, tl.load(Tbuf + rows[:, None] * BT + rows[None, :]), 0.0)
+    Ainv = _unit_lower_inverse(Tm, PREC, BT)
+    # loads in the order of use keep few 64-row tiles alive at once
+    kk = _load_in(k, tt, mt, hk, H, DK, BK)
+    kk = kk * _l2_factor(kk, 1.0, USE_L2NORM)[:, None]
+    eG = tl.exp(tl.cumsum(_load_in(g, tt, mt, hg, HG, DK, BK), 0))  # non-positive terms: no cancellation
+    Yc = tl.dot(Ainv, _load_in(b, tt, mt, hb, HB, DK, BK) * kk * eG, input_precision=PREC)
+    _store_rows(Y, Yc, tt, mt, hv, TT, DK, BK)
+    vw = _load_in(v, tt, mt, hv, HV, DV, BV) * _load_in(w, tt, mt, hv, HV, DV, BV)
+    Uc = tl.dot(Ainv, vw, input_precision=PREC)
+    _store_rows(U, Uc, tt, mt, hv, TT, DV, BV)
+    Aqk = tl.where(lower, tl.load(Abuf + rows[:, None] * BT + rows[None, :]), 0.0)
+    _store_rows(Oi, tl.dot(Aqk, Uc, input_precision=PREC), tt, mt, hv, TT, DV, BV)
+    qq = _load_in(q, tt, mt, hk, H, DK, BK)
+    qq = qq * _l2_factor(qq, scale, USE_L2NORM)[:, None]
+    _store_rows(Qs, qq * eG - tl.dot(Aqk, Yc, input_precision=PREC), tt, mt, hv, TT, DK, BK)
+
+    # 3. keys decayed to the chunk's end: sub-block j's by the totals of the sub-blocks after it
+    s1 = tl.load(dec + DK, mask=dmask, other=0.0)
+    s2 = tl.load(dec + 2 * DK, mask=dmask, other=0.0)
+    s3 = tl.load(dec + 3 * DK, mask=dmask, other=0.0)
+    sub = (rows // BC)[:, None]
+    lift = tl.where(sub == 0, (s1 + s2 + s3)[None, :], tl.where(sub == 1, (s2 + s3)[None, :],
+                                                               tl.where(sub == 2, s3[None, :], 0.0)))
+    Kend = _load_rows(Kt, tt, mt, hv, TT, DK, BK) * tl.exp(lift)
+    tl.debug_barrier()
+    _store_rows(Kt, Kend, tt, mt, hv, TT, DK, BK)
+    tl.store(dec + 4 * DK, tl.load(dec, mask=dmask, other=0.0) + s1 + s2 + s3, mask=dmask)
 
 
 @triton.jit
@@ -375,17 +379,19 @@ def chunk_gdn2_triton(
     dev = q.device
     Qs, Y, Kt = (torch.empty(HV, TT, DK, dtype=inter, device=dev) for _ in range(3))
     U, Oi = (torch.empty(HV, TT, DV, dtype=inter, device=dev) for _ in range(2))
-    gC = torch.empty(max(1, NC * (B if cu_seqlens is None else 1)), HV, 5, DK, dtype=torch.float32, device=dev)
+    n_chunks = max(1, NC * (B if cu_seqlens is None else 1))
+    gC = torch.empty(n_chunks, HV, 5, DK, dtype=torch.float32, device=dev)
+    TA = torch.empty(n_chunks, HV, 2, CHUNK, CHUNK, dtype=torch.float32, device=dev)  # per-program scratch
     o = torch.empty(B, T, HV, DV, dtype=v.dtype, device=dev)
     ht = torch.empty(N, HV, DK, DV, dtype=torch.float32, device=dev) if output_final_state else None
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     if TT > 0 and NC > 0:
         grid1 = (NC, B * HV) if cu_seqlens is None else (NC, HV)
         _intra_chunk_kernel[grid1](
-            q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, cu_seqlens, chunk_indices, scale, T, TT,
+            q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T, TT,
             H=H, HV=HV, HG=HG, HB=HB, DK=DK, DV=DV, BK=BK, BV=BV,
             IS_VARLEN=cu_seqlens is not None, USE_L2NORM=use_qk_l2norm, PREC=prec,
-            DIAG_DC=min(LAUNCH["diag_dc"], BK), INV_POLY=LAUNCH["inv_poly"], num_warps=LAUNCH["intra_warps"] if BK * BV > 64 * 64 else 4,
+            DIAG_DC=min(LAUNCH["diag_dc"], BK), SAFE=SAFE_SUB_DECAY, num_warps=LAUNCH["intra_warps"] if BK * BV > 64 * 64 else 4,
         )
     BVS = min(BV, LAUNCH["state_bv"])
     grid2 = (triton.cdiv(DV, BVS), HV, N)
@@ -394,6 +400,7 @@ def chunk_gdn2_triton(
             Qs, Y, Kt, U, Oi, gC, o, h0, ht, cu_seqlens, chunk_offsets, T, TT,
             HV=HV, DK=DK, DV=DV, BK=BK, BV=BVS,
             IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None, STORE_HT=output_final_state,
-            PREC=prec, num_warps=LAUNCH["state_warps"], num_stages=LAUNCH["state_stages"],
+            PREC=prec, num_warps=LAUNCH["state_warps"],
+            num_stages=LAUNCH["state_stages"] if inter == torch.bfloat16 else 1,  # fp32 tiles: shared memory
         )
     return o, ht

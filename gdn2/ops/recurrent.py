@@ -15,7 +15,7 @@ from gdn2.ops.triton_utils import block_size, check_device, head_groups
 
 MAX_KEY_DIM = 256  # the whole key axis of a state slice sits in registers
 # Launch settings (state columns per program for large / small batches, warps); a dict so a sweep can override.
-LAUNCH = dict(bv_large=32, bv_small=16, warps=4)
+LAUNCH = dict(bv_large=64, bv_small=32, warps=4)
 
 __all__ = ["fused_recurrent_step_triton"]
 
