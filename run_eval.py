@@ -20,6 +20,8 @@ import sys
 import time
 from contextlib import contextmanager
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's tqdm bars; ours are rich's, per task with tokens/s
+
 DEMO_CHECKPOINTS = ["demo:gdn-demo", "demo:kda-demo", "demo:gdn2-demo"]
 
 
@@ -123,6 +125,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plugin(args: argparse.Namespace) -> int:
+    from evals import lm_eval_plugin
+
+    path = lm_eval_plugin.install() if args.action == "install" else lm_eval_plugin.uninstall()
+    print(f"{args.action}ed {path}: `lm_eval --model gdn2 ...` {'now works' if args.action == 'install' else 'is off'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_eval.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="tasks, suites and built-in checkpoints")
     ls.set_defaults(func=cmd_list)
+
+    pl = sub.add_parser("lm-eval-plugin", help="register the gdn2 model with lm-eval's own CLI (a .pth file)")
+    pl.add_argument("action", choices=["install", "uninstall"])
+    pl.set_defaults(func=cmd_plugin)
 
     from evals.report_cli import add_cli as add_report_cli
     from gdn2.convert import add_cli as add_convert_cli

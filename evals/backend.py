@@ -108,6 +108,19 @@ class GDN2LM(TemplateLM):
         self.bos = self._resolve_bos(bos)
         self.progress = Progress()
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "GDN2LM":
+        """lm-eval's constructor hook: --model_args win over the CLI's --device/--batch_size."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        extra.pop("max_batch_size", None)
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "GDN2LM":
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     # ---- identity, recorded with every result ----------------------------------------------------------------------
     def _resolve_bos(self, bos: str | bool) -> bool:
         """BOS policy: true/bos (one BOS before every context), false/none, or auto (the checkpoint's default)."""

@@ -30,16 +30,15 @@ def summary_table(out_dir: str, labels: list[str], suite: str | None = None) -> 
     runs = [r for r in load_run(out_dir) if r.label in labels]
     runs.sort(key=lambda r: labels.index(r.label))
     table = Table(title=f"{suite or 'run'}: {out_dir}")
-    table.add_column("checkpoint", style="bold")
-    cols = _columns(suite, runs)
-    for header, *_ in cols:
-        table.add_column(header, justify="right")
-    for r in runs:
+    table.add_column("cell", style="bold")
+    for r in runs:  # checkpoints side by side
+        table.add_column(r.label, justify="right")
+    for header, task, metric, percent in _columns(suite, runs):
         cells = []
-        for _, task, metric, percent in cols:
+        for r in runs:
             value = r.score(task, metric)
             cells.append("-" if value is None else f"{100 * value:.1f}" if percent else f"{value:.2f}")
-        table.add_row(r.label, *cells)
+        table.add_row(header, *cells)
     return table
 
 

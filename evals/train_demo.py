@@ -153,13 +153,20 @@ def recall_batches(tok_dir: str, batch_size: int, seed: int, workers: int = 4):
 
 
 def train(name: str, tok_dir: str, steps: int, device: str, batch_size: int = 64, lr: float = 5e-3, seed: int = 0,
-          log_every: int = 100, time_budget: float = float("inf")) -> GPT:
+          workers: int = 4, log_every: int = 100, time_budget: float = float("inf"), init: str | None = None,
+          lengths: list[int] | None = None) -> GPT:
     """Train until `steps` or `time_budget` seconds, whichever comes first; the schedule follows the nearer one."""
     torch.manual_seed(seed)
     model = GPT(demo_config(name)).init_weights(seed=seed).to(device)
+    if init:  # continue from an earlier run of this recipe
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(str(Path(init) / "model.safetensors")).items()})
+    if lengths:
+        LENGTHS[:] = lengths
     model.backend = "torch"  # differentiable; the Triton kernels are inference-only
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    data = recall_batches(tok_dir, batch_size, seed=1000 + seed)
+    data = recall_batches(tok_dir, batch_size, seed=1000 + seed, workers=workers)
     t0 = time.time()
     for step in range(steps):
         progress = max(step / steps, (time.time() - t0) / time_budget)
@@ -226,12 +233,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--time-budget", type=float, default=float("inf"), help="seconds per model")
+    p.add_argument("--init", help="folder holding <family>/model.safetensors to continue from")
+    p.add_argument("--lengths", help="comma-separated training lengths (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--workers", type=int, default=4)
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     tok_dir = Path(args.out) / "tokenizer"
     tok = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").exists() else build_tokenizer(tok_dir)
     for name in args.families.split(","):
-        model = train(name, str(tok_dir), args.steps, args.device, time_budget=args.time_budget)
+        model = train(name, str(tok_dir), args.steps, args.device, time_budget=args.time_budget,
+                      init=str(Path(args.init) / name) if args.init else None, batch_size=args.batch_size,
+                      lr=args.lr, lengths=[int(x) for x in args.lengths.split(",")] if args.lengths else None,
+                      workers=args.workers)
         model.eval()
         for param in model.parameters():  # evaluate what is shipped: bf16-rounded weights
             param.data = param.data.to(torch.bfloat16).float()

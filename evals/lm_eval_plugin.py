@@ -1,0 +1,67 @@
+"""Make `lm_eval --model gdn2` work: lm-eval 0.4.x finds models only in its own registry (no plugin entry points).
+
+`python run_eval.py lm-eval-plugin install` writes a one-line .pth file into site-packages that imports this module
+at interpreter start. It does nothing then but wait for `lm_eval.api.registry` to be imported, and registers
+"gdn2" there as a lazy placeholder ("evals.backend:GDN2LM"), so no torch import happens unless the model is used.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import sysconfig
+from pathlib import Path
+
+PTH_NAME = "gdn2_eval_lm_eval_plugin.pth"
+TARGET = "evals.backend:GDN2LM"
+
+
+def register(registry_module) -> None:
+    if "gdn2" not in registry_module.model_registry:
+        registry_module.model_registry.register("gdn2", target=TARGET)
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Lets the normal import of lm_eval.api.registry run, then adds our model to it."""
+
+    name = "lm_eval.api.registry"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            register(module)
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def activate() -> None:
+    """Called from the .pth file: register now if lm-eval is already imported, else when it is."""
+    if "lm_eval.api.registry" in sys.modules:
+        register(sys.modules["lm_eval.api.registry"])
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+def pth_line() -> str:
+    return "import evals.lm_eval_plugin as _gdn2_plugin; _gdn2_plugin.activate()\n"
+
+
+def install(site_dir: str | None = None) -> Path:
+    path = Path(site_dir or sysconfig.get_paths()["purelib"]) / PTH_NAME
+    path.write_text(pth_line())
+    return path
+
+
+def uninstall(site_dir: str | None = None) -> Path:
+    path = Path(site_dir or sysconfig.get_paths()["purelib"]) / PTH_NAME
+    path.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,158 @@
+"""Contract tests of the lm-eval backend "gdn2" against from-scratch scoring with a tiny random model."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+
+from evals.backend import GDN2LM
+from gdn2.config import Config
+from gdn2.model import GPT
+from gdn2.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER = ROOT / "gdn2" / "demo" / "tokenizer"
+
+
+def make_lm(preset="tiny", batch_size=8, **kw) -> GDN2LM:
+    model = GPT(Config.from_name(preset, vocab_size=1024)).init_weights(seed=3)
+    model.backend = "torch"
+    return GDN2LM(model=model, tokenizer=load_tokenizer(TOKENIZER), bos="true", batch_size=batch_size, **kw)
+
+
+def from_scratch(lm: GDN2LM, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    whole = torch.tensor([ctx + cont])
+    logp = F.log_softmax(lm.model(whole)[0].double(), -1)
+    pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+    target = torch.tensor(cont)
+    return float(logp[pos, target].sum()), bool((logp[pos].argmax(-1) == target).all())
+
+
+REQUESTS = [("The grass is green. The sky is", " blue."), ("The grass is green. The sky is", " yellow"),
+            ("The grass is green. The sky is", " b"), ("Question: what colour?\nAnswer:", " green"),
+            ("", "A whole document with no context."), ("x" * 300, " y z"), ("Here we go.", " There and back again.")]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_hybrid"])
+def test_shared_context_scoring_equals_from_scratch(preset):
+    lm = make_lm(preset)
+    res = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(REQUESTS)])
+    for (ctx, cont), (ll, greedy) in zip(REQUESTS, res):
+        if ctx:
+            c, x = lm._encode_pair(ctx, cont)
+        else:
+            c, x = [lm.prefix_token_id], lm.tok_encode(cont, add_special_tokens=False)
+        ref_ll, ref_greedy = from_scratch(lm, c, x)
+        assert abs(ll - ref_ll) <= 1e-5 * max(1.0, abs(ref_ll)) and greedy == ref_greedy
+
+
+def test_is_greedy_exact():
+    lm = make_lm()
+    ctx = lm.tok_encode("The sky is")
+    logits, state = lm.model.prefill(torch.tensor([ctx]), logits="last")
+    greedy = []
+    for _ in range(4):
+        nxt = logits.argmax(-1)
+        greedy.append(int(nxt))
+        logits, state = lm.model.step(nxt, state)
+    other = greedy[:3] + [(greedy[3] + 1) % 1000]
+    out = lm._loglikelihood_tokens([(("a", "b"), ctx, greedy), (("a", "c"), ctx, other)])
+    assert out[0][1] is True and out[1][1] is False
+
+
+@pytest.mark.parametrize("chunk", [4096, 7])
+def test_rolling_equals_summed_token_logprobs(chunk):
+    lm = make_lm("tiny_hybrid")
+    lm.batching.rolling_chunk = chunk
+    docs = ["One document that is long enough to cross several chunks of the rolling scorer. " * 3, "Short."]
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(docs)])
+    for doc, ll in zip(docs, got):
+        ids = lm.tok_encode(doc, add_special_tokens=False)
+        ref, _ = from_scratch(lm, [lm.prefix_token_id], ids)
+        assert abs(ll - ref) <= 1e-5 * abs(ref)
+
+
+def _gen(lm, ctx, **kwargs):
+    return lm.generate_until([Instance("generate_until", {}, (ctx, kwargs), 0)])[0]
+
+
+def _greedy_tokens(lm, ctx: str, n: int) -> list[int]:
+    logits, state = lm.model.prefill(torch.tensor([lm.tok_encode(ctx)]), logits="last")
+    out = []
+    for _ in range(n):
+        nxt = logits.argmax(-1)
+        if int(nxt) == lm.tok.eos_id:
+            break
+        out.append(int(nxt))
+        logits, state = lm.model.step(nxt, state)
+    return out
+
+
+def test_generate_until_stops_and_limits():
+    lm = make_lm()
+    ref = _greedy_tokens(lm, "The grass is", 24)
+    free = _gen(lm, "The grass is", until=[], max_gen_toks=24)
+    assert free == lm.tok.decode(ref)
+    assert _gen(lm, "The grass is", until=[], max_gen_toks=5) == lm.tok.decode(ref[:5])
+    for cut in (3, len(free) // 2):
+        stop = free[cut:cut + 2]
+        if stop.strip():
+            assert _gen(lm, "The grass is", until=[stop], max_gen_toks=24) == free.split(stop)[0]
+
+
+def test_batch_composition_does_not_change_results():
+    reqs = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(REQUESTS)]
+    one = make_lm(batch_size=1).loglikelihood(reqs)
+    many = make_lm(batch_size=16).loglikelihood(reqs)
+    for (a, ga), (b, gb) in zip(one, many):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)) and ga == gb
+    gens = [Instance("generate_until", {}, (c or "x", {"until": ["."], "max_gen_toks": 8}), i)
+            for i, (c, _) in enumerate(REQUESTS)]
+    assert make_lm(batch_size=1).generate_until(gens) == make_lm(batch_size=16).generate_until(gens)
+
+
+def test_bos_policy_is_explicit_and_recorded():
+    lm = make_lm()
+    assert lm.tok_encode("hi")[0] == lm.tok.bos_id
+    lm.set_bos("none")
+    assert lm.tok_encode("hi")[0] != lm.tok.bos_id and lm.prefix_token_id == lm.tok.eos_id
+    assert lm.describe()["bos"] is False
+    with pytest.raises(ValueError, match="bos="):
+        lm.set_bos("maybe")
+
+
+def _native_checkpoint(tmp_path: Path) -> Path:
+    from evals.train_demo import save
+
+    model = GPT(Config.from_name("tiny", vocab_size=1024)).init_weights(seed=5)
+    model.steps_done = 0
+    model.config.name = "gdn2-demo"
+    save(model, tmp_path / "ckpt", {}, TOKENIZER)
+    return tmp_path / "ckpt"
+
+
+def test_lm_eval_cli_runs_our_task_end_to_end(tmp_path):
+    """`lm_eval --model gdn2 ... --include_path tasks` through lm-eval's own CLI, with the .pth plugin."""
+    from evals import lm_eval_plugin
+
+    ckpt = _native_checkpoint(tmp_path)
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    lm_eval_plugin.install(str(site_dir))
+    meta = json.dumps({"max_seq_lengths": [256], "num_samples": 2, "tokenizer": str(ckpt)})
+    argv = ["lm_eval", "--model", "gdn2", "--model_args", f"checkpoint={ckpt},device=cpu", "--include_path",
+            str(ROOT / "tasks"), "--tasks", "ruler_niah_single_1", "--metadata", meta, "--limit", "2",
+            "--output_path", str(tmp_path / "out")]
+    code = (f"import site, sys; site.addsitedir({str(site_dir)!r}); sys.argv = {argv!r}; "
+            "from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = list((tmp_path / "out").rglob("results_*.json"))
+    assert results, proc.stdout[-2000:]
+    scores = json.loads(results[0].read_text())["results"]["ruler_niah_single_1"]
+    assert "256,none" in scores
