@@ -14,7 +14,7 @@ from gdn2.ops import gated_delta_rule2, gated_delta_rule2_step, naive_recurrent_
 from tests.conftest import rel_err
 
 TOL = 1e-9  # float64 on both sides: anything above this is a wrong formula, not rounding
-SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
