@@ -41,6 +41,7 @@ def _limit(text: str) -> int | float:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from evals.distributed import is_main_process
     from evals.runner import RunSpec, quiet_lm_eval, run
     from evals.summary import print_summary
 
@@ -56,7 +57,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     console = Console(stderr=True)
     started = time.time()
-    labels = run(spec, on_task=lambda label, task, lm: _progress(console, label, task, lm))
+    main = is_main_process()  # under torchrun every rank evaluates; rank 0 shows progress and writes
+    labels = run(spec, on_task=(lambda label, task, lm: _progress(console, label, task, lm)) if main else None)
+    if not main:
+        return 0
     console.print(f"[dim]{len(labels)} checkpoint run(s) in {time.time() - started:.1f}s -> {spec.output}[/dim]")
     print_summary(spec.output, labels, suite=spec.suite)
     return 0

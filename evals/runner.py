@@ -19,7 +19,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from evals.results import RunStore
+from evals import distributed, guards
+from evals.request_cache import durable_cache
+from evals.results import RunStore, json_safe
+
+# What decides a result (a change means different numbers); batch size, device and recurrence backend are
+# execution settings that may change between a run and its resumption.
+RUN_KEYS = ("gate_mode", "limit", "seed", "data_dir")
+MODEL_KEYS = ("sha256", "dtype", "tokenizer", "model_config")
+LOCAL_TASK_PREFIXES = ("ruler_",)  # tasks that generate their data and need nothing from the hub
 
 
 @dataclass
@@ -60,7 +68,7 @@ def make_plan(spec: RunSpec) -> Plan:
     if bool(spec.suite) == bool(spec.tasks):
         raise ValueError("give exactly one of --suite NAME or --tasks A,B (see `run_eval.py list`)")
     if spec.suite:
-        suite = catalog.load_suite(spec.suite)
+        suite = _load_suite(spec.suite)
         tasks, bos, meta, cfg = suite.tasks, dict(suite.bos_by_task), dict(suite.metadata), dict(suite.config)
         gate_modes = suite.gate_modes or ["full"]
     else:
@@ -83,6 +91,18 @@ def make_plan(spec: RunSpec) -> Plan:
     if spec.gate_modes:
         gate_modes = list(spec.gate_modes)
     return Plan(tasks, bos, meta, cfg, gate_modes, spec.suite)
+
+
+def _load_suite(name: str):
+    """catalog.load_suite, with a suite file that parses but lacks or misshapes a field named clearly."""
+    from tasks import catalog
+
+    try:
+        return catalog.load_suite(name)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"suite file tasks/suites/{name}.yaml (or a suite it includes) is malformed "
+                         f"({type(err).__name__}: {err}): it needs a `tasks:` list and a BOS policy per task "
+                         f"(tasks/README.md, Suites)") from None
 
 
 def label_for(checkpoint: str, gate_mode: str, many_modes: bool) -> str:
@@ -121,8 +141,15 @@ def load_lm(checkpoint: str, spec: RunSpec, gate_mode: str):
                     dtype=spec.dtype, max_length=1 << 17)
     from evals.backend import GDN2LM
 
-    return GDN2LM(checkpoint, device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size,
-                  gate_mode=gate_mode, backend=spec.backend, tokenizer=spec.tokenizer, preset=spec.preset)
+    try:
+        return GDN2LM(checkpoint, device=distributed.local_device(spec.device), dtype=spec.dtype,
+                      batch_size=spec.batch_size, gate_mode=gate_mode, backend=spec.backend,
+                      tokenizer=spec.tokenizer, preset=spec.preset)
+    except ValueError as err:
+        if str(err).startswith("no tokenizer for"):  # the backend words it for --model_args; this is the CLI
+            raise ValueError(f"no tokenizer for {checkpoint} (no tokenizer.json or tokenizer.model beside it): "
+                             f"pass --tokenizer PATH, the tokenizer file or folder it was trained with") from None
+        raise
 
 
 def _sizing_tokenizer(lm, checkpoint: str) -> dict[str, str]:
@@ -131,63 +158,166 @@ def _sizing_tokenizer(lm, checkpoint: str) -> dict[str, str]:
     return {"tokenizer": lm.tok.name if lm.tok.name != "byte" else "byte"}
 
 
-def _config_hash(config: dict) -> str:
+def _config_hash(config: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class ConfigMismatchError(ValueError):
+    """The output folder holds results made under another configuration."""
+
+
+class TasksFailedError(RuntimeError):
+    """Some tasks could not produce a trustworthy score; the others are saved."""
+
+
+def _run_identity(spec: RunSpec, gate_mode: str) -> dict[str, Any]:
+    return json_safe({"gate_mode": gate_mode, "limit": spec.limit, "seed": spec.seed, "data_dir": spec.data_dir})
+
+
+def _model_identity(model_info: dict[str, Any]) -> dict[str, Any]:
+    return json_safe({k: model_info.get(k) for k in MODEL_KEYS})
+
+
+def _task_identity(plan: Plan, task: str, bos: Any = None) -> dict[str, Any]:
+    """What decides one task's numbers beyond the run: its metadata, config overrides and BOS policy."""
+    return json_safe({"metadata": plan.metadata.get(task, {}), "config": plan.config.get(task, {}),
+                      "bos": plan.bos_by_task.get(task), "effective_bos": bos})
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in new:
+        if key in old and old[key] != new[key]:
+            out.append(f"{prefix}{key} {json.dumps(old[key], sort_keys=True)[:80]} -> "
+                       f"{json.dumps(new[key], sort_keys=True)[:80]}")
+    return out
+
+
+def check_resumable(store: RunStore, label: str, plan: Plan, run_id: dict[str, Any],
+                    model_id: dict[str, Any] | None = None) -> None:
+    """Refuse to add to OUT/<label> results made under a different configuration (see RUN_KEYS, MODEL_KEYS).
+
+    Compared against config.json for the tasks already done there; a task not yet done may join freely.
+    """
+    path = store.out_dir / label / "config.json"
+    done = [t for t in plan.tasks if store.task_done(label, t)]
+    if not done or not path.is_file():
+        return
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    identity = stored.get("identity") or {k: stored.get(k) for k in RUN_KEYS}
+    diffs = _differences(identity, run_id)
+    if model_id is not None and isinstance(identity.get("model"), dict):
+        diffs += _differences(identity["model"], model_id, "model ")
+    per_task = stored.get("per_task") or {}
+    for task in done:
+        if task in per_task:
+            new = _task_identity(plan, task, per_task[task].get("effective_bos"))  # follows from the rest
+            diffs += _differences(per_task[task], new, f"{task} ")
+    if diffs:
+        raise ConfigMismatchError(
+            f"{store.out_dir / label} holds results made with a different configuration ({'; '.join(diffs[:3])}"
+            f"{' ...' if len(diffs) > 3 else ''}): pass a new --output, or delete that folder to recompute")
+
+
+def _stored_per_task(store: RunStore, label: str) -> dict[str, Any]:
+    path = store.out_dir / label / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("per_task", {}) if path.is_file() else {}
+
+
+def _needs_online(spec: RunSpec, plan: Plan) -> dict[str, bool]:
+    """Which hub access the run asked for: models for hf: checkpoints, datasets for hub tasks without --data-dir."""
+    hub_data = spec.data_dir is None and any(not t.startswith(LOCAL_TASK_PREFIXES) for t in plan.tasks)
+    return {"models": any(c.startswith("hf:") for c in spec.checkpoints) or hub_data, "datasets": hub_data}
+
+
 def run(spec: RunSpec, on_task: Callable[[str, str, Any], Any] | None = None) -> list[str]:
-    """Evaluate every checkpoint x gate mode x task of the plan; returns the labels written."""
+    """Evaluate every checkpoint x gate mode x task of the plan; returns the labels written.
+
+    Resumes what OUT holds (refusing a changed configuration), keeps every finished request in a crash-safe cache,
+    stays offline unless a hub model or dataset is asked for, and raises TasksFailedError at the end when a task
+    produced NaN/inf (the other tasks are saved; the label is not marked complete).
+    """
+    plan = make_plan(spec)
+    main = distributed.init(spec.device).is_main  # under torchrun only rank 0 writes
+    store = RunStore(spec.output)
+    guards.guard_yaml_functions(guards.default_yaml_roots())
+    online = _needs_online(spec, plan)
+    labels: list[str] = []
+    failed: list[str] = []
+    many_modes = len(plan.gate_modes) > 1
+    with guards.hf_offline(hub=not online["models"], datasets=not online["datasets"]), durable_cache():
+        for checkpoint in spec.checkpoints:
+            for mode in plan.gate_modes:
+                label = label_for(checkpoint, mode, many_modes)
+                labels.append(label)
+                check_resumable(store, label, plan, _run_identity(spec, mode))
+                if all(store.task_done(label, t) for t in plan.tasks):
+                    if main:
+                        store.mark_complete(label, plan.tasks)
+                    continue
+                failed += _run_label(spec, plan, store, checkpoint, mode, label, main, on_task)
+                if main:
+                    store.mark_complete(label, plan.tasks)
+    if failed:
+        raise TasksFailedError(f"{len(failed)} task(s) failed, the rest are saved: {' | '.join(failed)}")
+    return labels
+
+
+def _run_label(spec: RunSpec, plan: Plan, store: RunStore, checkpoint: str, mode: str, label: str, main: bool,
+               on_task: Callable[[str, str, Any], Any] | None) -> list[str]:
+    """The unfinished tasks of one checkpoint x gate mode; returns 'label/task: why' for each failed task."""
     import lm_eval
 
     from tasks import catalog
 
-    plan = make_plan(spec)
-    store = RunStore(spec.output)
-    labels = []
-    many_modes = len(plan.gate_modes) > 1
-    for checkpoint in spec.checkpoints:
-        for mode in plan.gate_modes:
-            label = label_for(checkpoint, mode, many_modes)
-            labels.append(label)
-            if all(store.task_done(label, t) for t in plan.tasks):
-                store.mark_complete(label, plan.tasks)
-                continue
-            t0 = time.time()
-            lm = load_lm(checkpoint, spec, mode)
-            load_s = time.time() - t0
-            for task in plan.tasks:
-                if store.task_done(label, task):
-                    continue
-                bos = plan.bos_by_task.get(task)
-                if bos and hasattr(lm, "set_bos"):
-                    lm.set_bos(bos)
-                model_info = lm.describe() if hasattr(lm, "describe") else {"checkpoint": checkpoint}
-                config = {
-                    "checkpoint": checkpoint, "label": label, "suite": plan.suite, "tasks": plan.tasks,
-                    "gate_mode": mode, "limit": spec.limit, "seed": spec.seed, "data_dir": spec.data_dir,
-                    "task_metadata": plan.metadata, "task_config": plan.config, "bos_by_task": plan.bos_by_task,
-                    "model": model_info,
-                }
-                cache = store.label_dir(label) / "cache" / f"{task}-{_config_hash([config, task])}"
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tm = catalog.task_manager(spec.data_dir, _sizing_tokenizer(lm, checkpoint),
-                                          {task: plan.metadata.get(task, {})}, plan.config)
-                started = time.time()
-                ctx = on_task(label, task, lm) if on_task else None
-                with ctx if ctx is not None else _null():
-                    out = lm_eval.simple_evaluate(
-                        model=lm, tasks=[task], task_manager=tm, limit=spec.limit, log_samples=True,
-                        use_cache=str(cache), random_seed=spec.seed, numpy_random_seed=spec.seed,
-                        torch_random_seed=spec.seed, fewshot_random_seed=spec.seed, bootstrap_iters=1000,
-                    )
-                meta = {
-                    "timings": {task: round(time.time() - started, 3)}, "load_seconds": round(load_s, 3),
-                    "versions": _versions(), "sha256": model_info.get("sha256"),
-                    "finished": {task: datetime.now(timezone.utc).isoformat(timespec="seconds")},
-                }
-                store.save_task(label, task, dict(out), config, meta)
-            store.mark_complete(label, plan.tasks)
-    return labels
+    t0 = time.time()
+    lm = distributed.data_parallel(load_lm(checkpoint, spec, mode))
+    load_s = time.time() - t0
+    run_id = _run_identity(spec, mode)
+    model_id = _model_identity(lm.describe() if hasattr(lm, "describe") else {"checkpoint": checkpoint})
+    check_resumable(store, label, plan, run_id, model_id)
+    per_task = _stored_per_task(store, label)
+    failed = []
+    for task in plan.tasks:
+        if store.task_done(label, task):
+            continue
+        bos = plan.bos_by_task.get(task)
+        if bos and hasattr(lm, "set_bos"):
+            lm.set_bos(bos)
+        model_info = lm.describe() if hasattr(lm, "describe") else {"checkpoint": checkpoint}
+        per_task[task] = _task_identity(plan, task, model_info.get("bos"))
+        config = {
+            "checkpoint": checkpoint, "label": label, "suite": plan.suite, "tasks": plan.tasks,
+            "gate_mode": mode, "limit": spec.limit, "seed": spec.seed, "data_dir": spec.data_dir,
+            "task_metadata": plan.metadata, "task_config": plan.config, "bos_by_task": plan.bos_by_task,
+            "model": model_info, "identity": {**run_id, "model": model_id}, "per_task": dict(per_task),
+        }
+        # the cache file is named by what decides the numbers, so a changed setting never reads stale responses
+        cache = store.label_dir(label) / "cache" / f"{task}-{_config_hash([run_id, model_id, per_task[task], task])}"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tm = catalog.task_manager(spec.data_dir, _sizing_tokenizer(lm, checkpoint),
+                                  {task: plan.metadata.get(task, {})}, plan.config)
+        started = time.time()
+        ctx = on_task(label, task, lm) if on_task else None
+        out = None
+        try:
+            with ctx if ctx is not None else _null():
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=[task], task_manager=tm, limit=spec.limit, log_samples=True,
+                    use_cache=str(cache), random_seed=spec.seed, numpy_random_seed=spec.seed,
+                    torch_random_seed=spec.seed, fewshot_random_seed=spec.seed, bootstrap_iters=1000,
+                )
+        except guards.NonFiniteError as err:  # this task's numbers are meaningless; others may be fine
+            failed.append(f"{label}/{task}: {err}")
+        meta = {
+            "timings": {task: round(time.time() - started, 3)}, "load_seconds": round(load_s, 3),
+            "versions": _versions(), "sha256": model_info.get("sha256"),
+            "finished": {task: datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        }
+        if main and out is not None:
+            store.save_task(label, task, dict(out), config, meta)
+        distributed.barrier()  # the next task_done check reads what rank 0 wrote
+    return failed
 
 
 class _null:
