@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--log-every", type=int, default=100)
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     tok_dir = Path(args.out) / "tokenizer"
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         model = train(name, str(tok_dir), args.steps, args.device, time_budget=args.time_budget,
                       init=str(Path(args.init) / name) if args.init else None, batch_size=args.batch_size,
                       lr=args.lr, lengths=[int(x) for x in args.lengths.split(",")] if args.lengths else None,
-                      workers=args.workers)
+                      workers=args.workers, log_every=args.log_every)
         model.eval()
         for param in model.parameters():  # evaluate what is shipped: bf16-rounded weights
             param.data = param.data.to(torch.bfloat16).float()
