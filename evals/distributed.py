@@ -17,6 +17,7 @@ import hashlib
 import heapq
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
@@ -193,19 +194,31 @@ class DataParallelLM(LM):
         mine = split_by_cost(costs, _groups(method, requests), self.env.world_size)[self.env.rank]
         try:
             outcome: tuple = ("ok", list(zip(mine, run([requests[i] for i in mine]) if mine else [])))
-        except Exception as err:  # noqa: BLE001 - reported on every rank below instead of hanging the others
-            outcome = ("error", f"{type(err).__name__}: {err}")
+        except Exception as err:  # noqa: BLE001 - raised on every rank below, instead of hanging the others
+            outcome = ("error", _portable(err))
+            local_error = err
         gathered = all_gather_object(outcome)
-        failed = [(r, o[1]) for r, o in enumerate(gathered) if o[0] == "error"]
-        if failed:
+        errors = [o[1] for o in gathered if o[0] == "error"]
+        if errors:
+            # every rank raises the same exception type, so callers that handle one (a NaN check, an OOM)
+            # take the same path on every rank and the ranks stay in step
             if outcome[0] == "error":
-                raise RuntimeError(f"rank {self.env.rank}: {outcome[1]}")
-            raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+                raise local_error
+            raise errors[0]
         out: list = [None] * len(requests)
         for _, pairs in gathered:
             for i, res in pairs:
                 out[i] = res
         return out
+
+
+def _portable(err: Exception) -> Exception:
+    """`err` if it survives pickling (to reach the other ranks), else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001 - any unpicklable exception
+        return RuntimeError(f"rank {dist_env().rank}: {type(err).__name__}: {err}")
 
 
 def data_parallel(lm: LM) -> LM:
