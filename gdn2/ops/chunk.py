@@ -1,4 +1,4 @@
-"""Triton chunked prefill for the gated delta rule-2: forward only, two fused kernels.
+"""Triton chunked prefill for the gated delta rule-2: forward only, two kernels.
 
 Pass 1 (`_intra_chunk_kernel`, one program per chunk of 64 tokens and value head, all in parallel) solves each
 chunk on its own and writes what the state pass needs:
@@ -6,16 +6,20 @@ chunk on its own and writes what the state pass needs:
     Qs = e^G q - Aqk Y          Oi = Aqk U                          Kt = e^(G_C - G) k,   gC = G_C
 so that with the chunk's start state S the chunk's output and end state are (Eqs. 22-24 rearranged)
     O = Qs S + Oi               S' = Diag(e^gC) S + Kt^T (U - Y S).
+It builds T and Aqk in 16 x 16 blocks (a loop over four sub-blocks of 16 rows) with decay ratios taken as
+exponentials of sums of non-positive pieces (sub-block local cumulative sums, sub-block totals, the first row of the
+later sub-block as reference point), so every factor is <= 1 and strong decays (g near -20 per token) stay finite
+and accurate; inside a sub-block the pairs come from one small product when its decay is mild and channel by
+channel otherwise. The blocks meet in a per-program scratch, (I + T) is inverted by nilpotent products at three
+levels (4, 16, 64 rows) and the outputs are four 64-row matrix products.
 Pass 2 (`_state_pass_kernel`, one program per sequence, value head and dv block) walks the chunks in order with S
-in registers: three small matrix products per chunk and no per-chunk state ever written to memory.
+in registers: three small matrix products per chunk and no per-chunk state written to memory.
+Intermediates are bf16 for bf16 inputs and fp32 otherwise; the state and every accumulator are fp32.
 
-It first builds T and Aqk in 16 x 16 blocks (in a loop over four sub-blocks of 16 rows), with decay ratios taken
-as exponentials of sums of non-positive pieces (sub-block local cumulative sums, sub-block totals, and the first
-row of the later sub-block as reference point), so every factor is <= 1 and strong decays (g near -20 per token)
-stay finite and accurate; inside a sub-block the pairs come from one small product when its decay is mild and
-channel by channel otherwise. The blocks are assembled through a per-program scratch, (I + T) is inverted by
-nilpotent products at three levels (4, 16, 64 rows), and the outputs are four 64-row matrix products. Intermediates are bf16 for bf16 inputs and fp32 otherwise; the
-state and every accumulator are fp32.
+Speed (H200, evals/bench_results/kernels_h200.txt): the state pass is near its byte count, but pass 1 is bound by
+instruction issue at one 8-warp program per SM (255 registers; layout changes around the tensor-core operands),
+about 2 ms at B8xT2048, H=16, dk=dv=128: 2.2x fla-core's chunk_gdn2. More programs per SM (fewer registers),
+bf16 operands for the 64-row products and 64-row products for pass 1's blocks are the next steps.
 """
 from __future__ import annotations
 
@@ -32,10 +36,11 @@ from gdn2.ops.triton_utils import (
 
 CHUNK = 64  # tokens per chunk: four sub-blocks of 16 rows
 # Launch settings, tuned on an H200 at H=16, dk=dv=128 (evals/bench_kernels.py); a dict so a sweep can override them.
-# diag_dc: key channels per step of the all-pairs diagonal-block product (0: a loop over the 16 rows instead).
-# inv_poly: invert the 16x16 diagonal blocks by nilpotent products (else forward substitution row by row).
+# diag_dc: key channels per step of the exact (strong-decay) diagonal-block product.
 LAUNCH = dict(intra_warps=8, diag_dc=16, state_bv=64, state_warps=8, state_stages=3)
-SAFE_SUB_DECAY = 20.0  # largest log-decay inside a sub-block for which one product (with e^20 factors) is exact
+# Largest log-decay across a 16-row sub-block for which its diagonal block comes from one product: the lifted keys
+# carry factors up to e^20, whose rounding stays far below fp32 test tolerance; stronger decays go channel by channel.
+SAFE_SUB_DECAY = 20.0
 
 __all__ = ["chunk_gdn2_triton"]
 
@@ -391,7 +396,8 @@ def chunk_gdn2_triton(
             q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T, TT,
             H=H, HV=HV, HG=HG, HB=HB, DK=DK, DV=DV, BK=BK, BV=BV,
             IS_VARLEN=cu_seqlens is not None, USE_L2NORM=use_qk_l2norm, PREC=prec,
-            DIAG_DC=min(LAUNCH["diag_dc"], BK), SAFE=SAFE_SUB_DECAY, num_warps=LAUNCH["intra_warps"] if BK * BV > 64 * 64 else 4,
+            DIAG_DC=min(LAUNCH["diag_dc"], BK), SAFE=SAFE_SUB_DECAY,
+            num_warps=LAUNCH["intra_warps"] if BK * BV > 64 * 64 else 4,
         )
     BVS = min(BV, LAUNCH["state_bv"])
     grid2 = (triton.cdiv(DV, BVS), HV, N)
