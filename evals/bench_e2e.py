@@ -42,6 +42,9 @@ LL_TARGET = 3.0  # x the anchor's requests/s on loglikelihood mixes
 LL_DIFF_TARGET = 1e-3
 DECODE_FLOOR_TARGET = 2.0  # x the memory floor at the largest batch
 LONG_MEM_TARGET = 1.10  # peak at the longest prompt / peak at the shortest
+# shapes beside gdn2's presets: the model the recorded anchors used (fla KDAConfig, 1.39B)
+EXTRA_SHAPES = {"kda_1.3B": dict(vocab_size=32000, n_layer=24, n_embd=2048, n_head=16, intermediate_size=5632,
+                                 gdn2_per_layer=1, gdn2_num_heads=16, gdn2_head_dim=128, norm_eps=1e-6)}
 KDA_VARIANT = dict(beta="scalar", gate_act="sigmoid", decay_heads="value", out_gate="lowrank", decay="channel")
 SPECIALS = ("<s>", "</s>", "<unk>")  # ids 0, 1, 2 of the word tokenizer
 SECTIONS = ("mixes", "decode", "long")
@@ -50,12 +53,22 @@ SECTIONS = ("mixes", "decode", "long")
 # ---- the model both harnesses read -------------------------------------------------------------------------------
 def kda_config(shape: str):
     """Our Config at a preset's sizes with fla KDA's layer variant (scalar beta, sigmoid gate, per-value-head decay)."""
-    from gdn2.config import Config
+    from gdn2.config import PRESETS, Config
 
-    cfg = Config.from_name(shape, **KDA_VARIANT)
+    if shape not in PRESETS and shape not in EXTRA_SHAPES:
+        raise ValueError(f"unknown --shape {shape!r}: choose one of {', '.join(shape_names())}")
+    sizes = {**PRESETS.get(shape, {}), **EXTRA_SHAPES.get(shape, {})}
+    cfg = Config(**{**sizes, **KDA_VARIANT, "name": shape, "padding_multiple": 1})  # fla: unpadded vocabulary
     if cfg.is_hybrid:
         raise ValueError(f"--shape {shape} is a hybrid; the KDA anchor has no SWA layers: use gdn2_1.3B or tiny")
-    return Config.from_name(shape, **KDA_VARIANT, padding_multiple=1)  # fla folders carry an unpadded vocabulary
+    return cfg
+
+
+def shape_names() -> list[str]:
+    """Recurrent shapes the benchmark can build (gdn2's non-hybrid presets and EXTRA_SHAPES)."""
+    from gdn2.config import PRESETS
+
+    return [n for n, c in {**PRESETS, **EXTRA_SHAPES}.items() if c.get("gdn2_per_layer", 1) == 1]
 
 
 def build_model(shape: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -273,6 +286,7 @@ def anchor_available() -> str | None:
         import fla  # noqa: F401  registers fla's classes with transformers
         import transformers  # noqa: F401
         from fla.models import KDAForCausalLM  # noqa: F401
+        from lm_eval.models.huggingface import HFLM  # noqa: F401  (needs accelerate)
     except Exception as err:  # ImportError, or a broken install failing at import
         return f"not installed ({type(err).__name__}: {str(err)[:80]})"
     return None
@@ -293,7 +307,8 @@ def load_anchor(folder: Path, device: str, dtype: torch.dtype, batch_size: int) 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>")
     # max_length: the folder says 2^20 positions, said again so HFLM never truncates a needle prompt
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=1 << 20, device=device)
+    lm = HFLM(pretrained=model, backend="causal", tokenizer=tok, batch_size=batch_size, max_length=1 << 20,
+              device=device)
     return Harness("anchor", lm, model, f"lm-eval hf (HFLM) on fla KDAForCausalLM, batch {batch_size}")
 
 
@@ -466,28 +481,34 @@ def bench_decode(report: Report, ours: Harness, anchor: Harness | None, batches:
         report.decode.append(row)
 
 
-def bench_long(report: Report, model, lengths: list[int], device: str, log: Callable[[str], None]) -> None:
-    """Peak memory of one prompt's prefill per length (CUDA only: CPU memory has no comparable peak counter)."""
+def bench_long(report: Report, model, lengths: list[int], chunks: list[int], device: str,
+               log: Callable[[str], None]) -> None:
+    """Peak memory of one prompt's prefill per prefill chunk and length (CUDA only: the CPU has no such counter)."""
     if not str(device).startswith("cuda"):
         report.long_context.append(dict(length=None, note="cuda only"))
         return
-    V = model.config.vocab_size
-    for T in lengths:
-        tokens = torch.randint(len(SPECIALS), V, (1, T), device=device)
-        _peak_reset(device)
-        base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        model.prefill(tokens, logits="last")
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated()
-        report.long_context.append(dict(length=T, peak_GiB=_gib(peak), working_GiB=_gib(peak - base), prefill_s=dt,
-                                        tok_s=T / dt, chunk=model.chunk_tokens))
-        log(f"long T={T}: peak {_gib(peak):.2f} GiB in {dt:.2f}s")
-        del tokens
-    first = report.long_context[0]["peak_GiB"]
-    for r in report.long_context:
-        r["peak_vs_first"] = r["peak_GiB"] / first
+    V, kept = model.config.vocab_size, model.chunk_tokens
+    try:
+        for chunk in chunks:
+            model.chunk_tokens = chunk
+            rows = []
+            for T in lengths:
+                tokens = torch.randint(len(SPECIALS), V, (1, T), device=device)
+                _peak_reset(device)
+                base = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                model.prefill(tokens, logits="last")
+                torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                peak = torch.cuda.max_memory_allocated()
+                rows.append(dict(length=T, chunk=chunk, peak_GiB=_gib(peak), working_GiB=_gib(peak - base),
+                                 prefill_s=dt, tok_s=T / dt))
+                rows[-1]["peak_vs_first"] = peak / 2**30 / rows[0]["peak_GiB"]
+                report.long_context.append(rows[-1])
+                log(f"long T={T} chunk={chunk}: peak {_gib(peak):.2f} GiB in {dt:.2f}s")
+                del tokens
+    finally:
+        model.chunk_tokens = kept
 
 
 # ---- environment, rendering, files ------------------------------------------------------------------------------
@@ -562,8 +583,8 @@ def render(report: Report) -> str:
                   _fmt(r.get("anchor_ms"), 3), _fmt(r.get("anchor_tok_s"), 0), _fmt(r["floor_ms"], 3),
                   _fmt(r["ours_floor_ratio"]), note or "-", target)
     console.print(t)
-    t = Table(title=f"Long-context prefill, one prompt (target: peak at the longest within {LONG_MEM_TARGET:.2f}x "
-                    "the shortest)", box=box.MARKDOWN)
+    t = Table(title=f"Long-context prefill, one prompt (target: per chunk, peak at the longest within "
+                    f"{LONG_MEM_TARGET:.2f}x the shortest)", box=box.MARKDOWN)
     for col in ("length", "peak GiB", "working GiB", "peak / first", "prefill s", "tokens/s", "chunk", "target"):
         t.add_column(col, justify="right")
     rows = report.long_context
@@ -571,7 +592,8 @@ def render(report: Report) -> str:
         if r.get("length") is None:
             t.add_row("-", "-", "-", "-", "-", "-", "-", r["note"])
             continue
-        target = "-" if r is not rows[-1] else ("met" if r["peak_vs_first"] <= LONG_MEM_TARGET else "MISSED")
+        last = r is rows[-1] or rows[rows.index(r) + 1]["chunk"] != r["chunk"]  # the longest prompt of its chunk
+        target = "-" if not last else ("met" if r["peak_vs_first"] <= LONG_MEM_TARGET else "MISSED")
         t.add_row(str(r["length"]), _fmt(r["peak_GiB"], 3), _fmt(r["working_GiB"], 3), _fmt(r["peak_vs_first"], 3),
                   _fmt(r["prefill_s"]), _fmt(r["tok_s"], 0), str(r["chunk"]), target)
     console.print(t)
@@ -583,8 +605,8 @@ def render(report: Report) -> str:
 def write(report: Report, out: Path) -> None:
     """The tables to out (.md) and the numbers beside it (.json)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(asdict(report), indent=1, default=str))  # numbers first
     out.with_suffix(".md").write_text(render(report))
-    out.with_suffix(".json").write_text(json.dumps(asdict(report), indent=1, default=str))
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
@@ -611,12 +633,16 @@ def run(args: argparse.Namespace) -> Report:
         raise ValueError(f"--sections {','.join(bad)}: choose from {', '.join(SECTIONS)}")
     counts = {**{m.name: m.docs for m in MIXES.values()}, **parse_counts(args.counts)}
     dtype = _dtype(args.dtype, device)
+    out = Path(args.out or f"results/bench/e2e-{args.shape}-{device.split(':')[0]}.md")
     started = time.perf_counter()
+    report: Report | None = None
 
     def log(msg: str) -> None:
+        """A progress line; each one also rewrites the report, so a run stopped by a time limit keeps its rows."""
         print(f"[{time.perf_counter() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)
+        if report is not None:
+            write(report, out)
 
-    out = Path(args.out or f"results/bench/e2e-{args.shape}-{device.split(':')[0]}.md")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gdn2-bench-e2e-"))
     model = build_model(args.shape, seed=args.seed, dtype=dtype)
     params = sum(p.numel() for p in model.parameters())
@@ -624,42 +650,34 @@ def run(args: argparse.Namespace) -> Report:
     del model
     log(f"wrote {folder} ({params / 1e6:.1f}M params)")
     bw = copy_bandwidth(device)
+    prompt = max(2, round(args.decode_prompt * args.length_scale))
     report = Report(env=environment(device, bw), setup=dict(
         shape=args.shape, params=params, dtype=str(dtype).removeprefix("torch."), folder=str(folder),
         prefill_chunk=args.prefill_chunk, length_scale=args.length_scale, counts=counts, gen_cap=args.gen_cap,
-        batch_size=args.batch_size,
-        max_batch_tokens=args.max_batch_tokens, decode_prompt=args.decode_prompt, decode_steps=args.decode_steps,
-        sections=sections))
+        batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, decode_prompt=prompt,
+        decode_steps=args.decode_steps, sections=sections))
     ours = load_ours(folder, device, args.dtype, args.batch_size, args.max_batch_tokens, args.prefill_chunk)
+    report.notes.append(ours.note)
+    log(f"loaded ours on {device}")
+    if "long" in sections:  # first, while only our weights are on the device
+        bench_long(report, ours.model, _csv_ints(args.long_lengths), _csv_ints(args.long_chunks), device, log)
     anchor_why = anchor_available() if args.anchor else "off (--no-anchor)"
     anchor = None if anchor_why else load_anchor(folder, device, dtype, 32)
-    report.notes.append(ours.note)
     report.notes.append(anchor.note if anchor else f"anchor: {anchor_why}")
-    log(f"loaded ours{' and the anchor' if anchor else ''} on {device}")
-    words = word_list(ours.model.config.vocab_size - len(SPECIALS))
+    log(f"anchor: {anchor_why or 'loaded'}")
     if "mixes" in sections:
+        words = word_list(ours.model.config.vocab_size - len(SPECIALS))
         bench_mixes(report, ours, anchor, anchor_why, words, counts, args.length_scale, args.gen_cap, device, log)
-        write(report, out)
     if "decode" in sections:
-        prompt = max(2, round(args.decode_prompt * args.length_scale))
-        report.setup["decode_prompt"] = prompt
         bench_decode(report, ours, anchor, _csv_ints(args.decode_batches), prompt, args.decode_steps, device, bw, log)
-        write(report, out)
-    if "long" in sections:
-        anchor = None  # free the anchor's weights: peak memory is about our model alone
-        _peak_reset(device)
-        bench_long(report, ours.model, _csv_ints(args.long_lengths), device, log)
-    write(report, out)
-    print(render(report))
     log(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    print(render(report))
     return report
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from gdn2.config import PRESETS
-
-    p.add_argument("--shape", default="gdn2_1.3B", choices=[n for n in PRESETS if "swa" not in n and "hybrid" not in n],
-                   help="model sizes (a preset; the layer variant is fla KDA's)")
+    p.add_argument("--shape", default="gdn2_1.3B", choices=shape_names(),
+                   help="model sizes (a preset, or kda_1.3B: the recorded anchors' model); the layer variant is KDA's")
     p.add_argument("--device", help="cuda (default when a GPU is visible) or cpu")
     p.add_argument("--dtype", default="auto", help="weights' dtype for both harnesses (auto: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=True,
@@ -677,6 +695,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-prompt", type=int, default=512, help="prompt tokens before decoding (times length scale)")
     p.add_argument("--decode-steps", type=int, default=128, help="timed decode steps")
     p.add_argument("--long-lengths", default="4096,16384,32768,65536,131072")
+    p.add_argument("--long-chunks", default="4096,16384", help="prefill chunks the long section runs at")
     p.add_argument("--workdir", help="where the fla folder is written (default: a new temporary folder)")
     p.add_argument("--seed", type=int, default=0)
 

@@ -104,3 +104,42 @@ def test_command_end_to_end_without_anchor(tmp_path):
     for title in ("Requests/s on identical lm-eval requests", "Decoding after", "Long-context prefill"):
         assert title in text
     assert re.search(r"\|\s+niah \|\s+1 \|", text) and "cuda only" in text
+
+
+def test_decisions_compare_argmax_per_document():
+    mix = MIXES["mc"]
+    reqs = make_requests(mix, bench_e2e.word_list(50), docs=2, length_scale=0.05)
+    ours = [(-1.0, False), (-2.0, False), (-3.0, False), (-4.0, False)] + [(-5.0, False)] * 3 + [(-0.5, False)]
+    anchor = [(-1.0, False), (-2.0, False), (-3.0, False), (-4.0, False)] + [(-0.1, False)] + [(-5.0, False)] * 3
+    got = bench_e2e.compare_loglikelihoods(mix, ours, anchor, reqs)
+    assert got["max_abs_ll_diff"] == pytest.approx(4.9)
+    # doc 0: both pick choice 0 (the gold); doc 1: ours picks 3, the anchor picks 0
+    assert (got["acc_ours"], got["acc_anchor"], got["acc_agree"]) == (0.5, 1.0, 0.5)
+
+
+def test_render_marks_targets_on_gpu_shaped_rows():
+    env = dict(device="H200", torch="2", triton="3", lm_eval="0.4.13", fla="0.6.0", transformers="5", copy_TBps=4.2,
+               date="today")
+    setup = dict(shape="gdn2_1.3B", params=1.28e9, dtype="bfloat16", prefill_chunk=16384, length_scale=1.0,
+                 decode_prompt=512)
+    report = bench_e2e.Report(env, setup)
+    report.mixes = [
+        dict(mix="mc", kind="loglikelihood", requests=1000, ours_req_s=900.0, anchor_req_s=230.0, ratio=900 / 230,
+             max_abs_ll_diff=5e-4, acc_ours=0.25, acc_anchor=0.25, acc_agree=1.0),
+        dict(mix="lambada", kind="loglikelihood", requests=500, ours_req_s=200.0, anchor_req_s=80.0, ratio=2.5,
+             max_abs_ll_diff=5e-4, acc_ours=0.0, acc_anchor=0.0, acc_agree=1.0),
+        dict(mix="niah", kind="generate_until", requests=4, ours_req_s=2.0, anchor="out of memory")]
+    report.decode = [dict(B=1, ours_ms=5.0, ours_graph_ms=1.0, ours_tok_s=1000.0, floor_ms=0.7, ours_floor_ratio=1.4),
+                     dict(B=64, ours_ms=6.0, ours_graph_ms=None, graph_note="capture failed: X", ours_tok_s=1e4,
+                          floor_ms=1.4, ours_floor_ratio=6 / 1.4, anchor_ms=60.0, anchor_tok_s=1000.0)]
+    report.long_context = [dict(length=T, chunk=c, peak_GiB=p, working_GiB=p - 2.5, peak_vs_first=p / first,
+                                prefill_s=1.0, tok_s=T) for c, first, pts in ((4096, 3.0, (3.0, 3.1)),
+                                                                               (16384, 3.0, (3.0, 4.0)))
+                           for T, p in zip((4096, 131072), pts)]
+    lines = bench_e2e.render(report).splitlines()
+    row = lambda first: next(ln for ln in lines if re.match(rf"\|\s+{first} \|", ln))  # noqa: E731
+    assert row("mc").rstrip(" |").endswith("met") and row("lambada").rstrip(" |").endswith("MISSED")
+    assert "out of memory" in row("niah")
+    assert row("64").rstrip(" |").endswith("MISSED") and "capture failed" in row("64")
+    long_rows = [ln for ln in lines if re.match(r"\|\s+131072 \|", ln)]
+    assert [ln.rstrip(" |").split()[-1] for ln in long_rows] == ["met", "MISSED"]
