@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from evals import guards
 from gdn2.model import GPT
 from gdn2.tokenizer import Tokenizer
 
@@ -199,6 +200,20 @@ class GDN2LM(TemplateLM):
             tokens[r, : len(s)] = torch.tensor(s, dtype=torch.long, device=self._device)
         return tokens, lengths
 
+    # ---- out of memory ------------------------------------------------------------------------------------------
+    def _guarded(self, run: Callable[[list[int]], list], batch: list[int]) -> list:
+        """run(batch), split in halves on GPU out-of-memory; later batches keep the smaller budget."""
+        return guards.run_batch(run, batch, self._shrink_batch, describe=lambda i: f"batch item {i}")
+
+    def _shrink_batch(self, fitted: int) -> None:
+        import logging
+
+        self.batching.batch_size = max(1, min(self.batching.batch_size, fitted))
+        self.batching.max_batch_tokens = max(1, self.batching.max_batch_tokens // 2)
+        logging.getLogger("gdn2").warning(
+            "GPU out of memory: retrying with batch size %d and %d tokens per batch (set --batch-size to start there)",
+            self.batching.batch_size, self.batching.max_batch_tokens)
+
     # ---- loglikelihood ------------------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -213,7 +228,11 @@ class GDN2LM(TemplateLM):
         for batch in self._batches(order, lengths):
             ctxs = [list(contexts[j]) for j in batch]
             members = [groups[contexts[j]] for j in batch]
-            for idx, res in zip(sum(members, []), self._score_batch(ctxs, members, requests)):
+            scored = self._guarded(
+                lambda b: self._score_batch([list(contexts[j]) for j in b], [groups[contexts[j]] for j in b],
+                                            requests), batch)
+            for idx, res in zip(sum(members, []), scored):
+                guards.require_finite(res[0], guards.describe_request(requests[idx], idx))  # before it is cached
                 results[idx] = res
                 self.cache_hook.add_partial("loglikelihood", requests[idx][0], res)
             self.progress.update(sum(len(m) for m in members), sum(len(c) for c in ctxs))
@@ -254,7 +273,8 @@ class GDN2LM(TemplateLM):
         order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
         out = [0.0] * len(docs)
         for batch in self._batches(order, [min(len(d), self.batching.rolling_chunk) for d in docs]):
-            for i, ll in zip(batch, self._rolling_batch([docs[i] for i in batch])):
+            for i, ll in zip(batch, self._guarded(lambda b: self._rolling_batch([docs[i] for i in b]), batch)):
+                guards.require_finite(ll, guards.describe_request(requests[i], i))  # before it is cached
                 out[i] = ll
                 self.cache_hook.add_partial("loglikelihood_rolling", requests[i].args, ll)
             self.progress.update(len(batch), sum(len(docs[i]) for i in batch))
@@ -299,7 +319,12 @@ class GDN2LM(TemplateLM):
             ctxs = [self.tok_encode(requests[i].args[0]) for i in idxs]
             order = sorted(range(len(idxs)), key=lambda j: (-len(ctxs[j]), j))
             for batch in self._batches(order, [len(c) + max_new for c in ctxs]):
-                texts = self._greedy([ctxs[j] for j in batch], until, max_new)
+                try:
+                    texts = self._guarded(lambda b: self._greedy([ctxs[j] for j in b], until, max_new), batch)
+                except guards.NonFiniteError as err:  # name the request the bad row belongs to
+                    i = idxs[err.item]
+                    raise guards.NonFiniteError(guards.nonfinite_message("NaN/inf logits",
+                                                                         guards.describe_request(requests[i], i)))
                 for j, text in zip(batch, texts):
                     out[idxs[j]] = text
                     self.cache_hook.add_partial("generate_until", requests[idxs[j]].args, text)
@@ -315,6 +340,9 @@ class GDN2LM(TemplateLM):
         done = [False] * B
         stops = [s for s in until if s]
         for _ in range(max_new):
+            bad = guards.nonfinite_row(logits, skip=done)
+            if bad is not None:
+                raise guards.NonFiniteError("NaN/inf logits while generating", row=bad)
             nxt = logits.argmax(-1)
             for r, t in enumerate(nxt.tolist()):
                 if done[r]:

@@ -224,6 +224,28 @@ def _stored_per_task(store: RunStore, label: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")).get("per_task", {}) if path.is_file() else {}
 
 
+def _weight_files(lm) -> list[list[Any]]:
+    """[path, size, mtime_ns] of the checkpoint's weight files: a cheap test that a rerun reads the same weights."""
+    files = getattr(getattr(lm, "loaded", None), "weight_files", None) or []
+    return [[str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in files]
+
+
+def _same_weights(store: RunStore, label: str, checkpoint: str) -> bool:
+    """True when OUT/<label> was made from this checkpoint spec and its weight files are unchanged on disk.
+
+    Otherwise the runner loads the model, so that check_resumable compares the weights' sha256.
+    """
+    path = store.out_dir / label / "config.json"
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if stored.get("checkpoint") != checkpoint:
+        return False
+    for name, size, mtime in stored.get("weight_files", []):
+        p = Path(name)
+        if not p.is_file() or p.stat().st_size != size or p.stat().st_mtime_ns != mtime:
+            return False
+    return True
+
+
 def _needs_online(spec: RunSpec, plan: Plan) -> dict[str, bool]:
     """Which hub access the run asked for: models for hf: checkpoints, datasets for hub tasks without --data-dir."""
     hub_data = spec.data_dir is None and any(not t.startswith(LOCAL_TASK_PREFIXES) for t in plan.tasks)
@@ -251,7 +273,7 @@ def run(spec: RunSpec, on_task: Callable[[str, str, Any], Any] | None = None) ->
                 label = label_for(checkpoint, mode, many_modes)
                 labels.append(label)
                 check_resumable(store, label, plan, _run_identity(spec, mode))
-                if all(store.task_done(label, t) for t in plan.tasks):
+                if all(store.task_done(label, t) for t in plan.tasks) and _same_weights(store, label, checkpoint):
                     if main:
                         store.mark_complete(label, plan.tasks)
                     continue
@@ -291,6 +313,7 @@ def _run_label(spec: RunSpec, plan: Plan, store: RunStore, checkpoint: str, mode
             "gate_mode": mode, "limit": spec.limit, "seed": spec.seed, "data_dir": spec.data_dir,
             "task_metadata": plan.metadata, "task_config": plan.config, "bos_by_task": plan.bos_by_task,
             "model": model_info, "identity": {**run_id, "model": model_id}, "per_task": dict(per_task),
+            "weight_files": _weight_files(lm),
         }
         # the cache file is named by what decides the numbers, so a changed setting never reads stale responses
         cache = store.label_dir(label) / "cache" / f"{task}-{_config_hash([run_id, model_id, per_task[task], task])}"
