@@ -64,14 +64,16 @@ def _yaml_problem(err: BaseException) -> str | None:
     return f"malformed YAML: {problem}; fix the task or suite file ({DEBUG_HINT})"
 
 
-def broken_yaml_files(root: Path | None = None) -> list[tuple[Path, int]]:
-    """(file, line) of every task or suite YAML under `root` (default: tasks/) that does not parse."""
+def broken_yaml_files(roots: list[Path] | None = None) -> list[tuple[Path, int]]:
+    """(file, line) of every task or suite YAML under `roots` (default: tasks/ and its suites) that does not parse."""
     import yaml
 
-    if root is None:
-        from tasks.catalog import TASKS_DIR as root
+    if roots is None:
+        from tasks import catalog
+
+        roots = [catalog.TASKS_DIR, catalog.SUITES_DIR]
     out = []
-    for path in sorted(Path(root).rglob("*.yaml")):
+    for path in sorted({p for root in roots for p in Path(root).rglob("*.yaml")}):
         try:
             yaml.safe_load(path.read_text(encoding="utf-8").replace("!function", ""))
         except yaml.YAMLError as err:

@@ -158,3 +158,108 @@ def test_request_cache_round_trips_and_survives_sigkill(tmp_path):
     (tmp_path / "bad.db").write_bytes(b"not a database at all" * 100)
     with pytest.raises(ValueError, match="delete it"):
         len(RequestCache(tmp_path / "bad.db"))
+
+
+# ---- one-line errors and exit codes -------------------------------------------------------------------------------
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    rc = run_eval.main(args)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def cli_error(args: list[str], capsys) -> str:
+    rc, err = run_cli(args, capsys)
+    assert rc == 2, err
+    last = err.splitlines()[-1]  # progress bars may come first
+    assert last.startswith("error: ") and err.count("error: ") == 1 and "Traceback" not in err, err
+    return last
+
+
+def copy_ckpt(ckpt: Path, tmp: Path) -> Path:
+    return Path(shutil.copytree(ckpt, tmp / "copy" / ckpt.name))
+
+
+def niah(path: Path, out: Path) -> list[str]:
+    return ["run", "--checkpoint", str(path), *NIAH, "--output", str(out)]
+
+
+def test_checkpoint_errors_are_one_line(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert "checkpoint not found" in cli_error(niah(tmp_path / "nope", out), capsys)
+
+    truncated = copy_ckpt(ckpt, tmp_path / "t")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert "truncated or corrupt" in cli_error(niah(truncated, out), capsys)
+
+    pth = tmp_path / "cut.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}}, pth)
+    pth.write_bytes(pth.read_bytes()[:2000])
+    assert "truncated or corrupt" in cli_error(niah(pth, out), capsys)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(os.urandom(4096))
+    cli_error(niah(garbage, out), capsys)  # (worded by gdn2.formats as "holds objects other than tensors")
+
+    from safetensors.torch import load_file, save_file
+
+    keys = copy_ckpt(ckpt, tmp_path / "k")
+    sd = load_file(str(keys / "model.safetensors"))
+    sd.pop("lm_head.weight")
+    save_file(sd, str(keys / "model.safetensors"))
+    assert "1 missing" in cli_error(niah(keys, out), capsys)
+
+    shapes = copy_ckpt(ckpt, tmp_path / "s")
+    meta = json.loads((shapes / "config.json").read_text())
+    meta["config"]["intermediate_size"] = 96
+    (shapes / "config.json").write_text(json.dumps(meta))
+    assert "mismatched shapes" in cli_error(niah(shapes, out), capsys)
+
+    (shapes / "config.json").write_text('{"format": "gdn2-native", "config": {')
+    assert "not valid JSON" in cli_error(niah(shapes, out), capsys)
+
+    no_tok = copy_ckpt(ckpt, tmp_path / "n")
+    (no_tok / "tokenizer.json").unlink()
+    assert "--tokenizer" in cli_error(niah(no_tok, out), capsys)
+    assert not out.exists() or not any(out.rglob("results.json"))  # no scores from any of them
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        run_eval.main(["--debug", *niah(tmp_path / "nope", tmp_path / "out")])
+
+
+def test_unknown_and_malformed_tasks_and_suites(ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    err = cli_error(["run", "--checkpoint", str(ckpt), "--tasks", "ruler_niah_singel_1", "--output", str(out)], capsys)
+    assert "unknown task 'ruler_niah_singel_1'" in err and "did you mean ruler_niah_single_1" in err
+    err = cli_error(["run", "--checkpoint", str(ckpt), "--suite", "tabel2", "--output", str(out)], capsys)
+    assert "unknown suite 'tabel2'" in err and "table2" in err
+
+    from tasks import catalog
+
+    suites = tmp_path / "suites"
+    shutil.copytree(catalog.SUITES_DIR, suites)
+    (suites / "nolist.yaml").write_text("suite: nolist\ndescription: no task list\n")
+    (suites / "broken.yaml").write_text("suite: broken\ntasks: [piqa,\n  bos: none\n")
+    monkeypatch.setattr(catalog, "SUITES_DIR", suites)
+    err = cli_error(["run", "--checkpoint", str(ckpt), "--suite", "nolist", "--output", str(out)], capsys)
+    assert "nolist.yaml" in err and "malformed" in err and "tasks:" in err
+    err = cli_error(["run", "--checkpoint", str(ckpt), "--suite", "broken", "--output", str(out)], capsys)
+    assert "malformed YAML in" in err and "broken.yaml line" in err
+
+    task_dir = tmp_path / "tasks"
+    (task_dir / "mine").mkdir(parents=True)
+    (task_dir / "mine" / "bad.yaml").write_text("task: bad\ndataset_path: [unclosed\n")
+    monkeypatch.setattr(catalog, "TASKS_DIR", task_dir)
+    monkeypatch.setattr(catalog, "SUITES_DIR", task_dir / "suites")
+    err = cli_error(["run", "--checkpoint", str(ckpt), "--tasks", "bad", "--output", str(out)], capsys)
+    assert "malformed YAML in" in err and "bad.yaml line 3" in err
+
+
+def test_dataset_missing_offline(ckpt, tmp_path, capsys):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    err = cli_error(["run", "--checkpoint", str(ckpt), "--tasks", "lambada_openai", "--limit", "2", "--device", "cpu",
+                     "--data-dir", str(empty), "--output", str(tmp_path / "out")], capsys)
+    assert "offline dataset EleutherAI/lambada_openai" in err and str(empty) in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("results.json"))
