@@ -129,28 +129,35 @@ SAFE_LOG_RANGE = {torch.float32: 80.0, torch.float64: 600.0}
 
 
 def _intra_chunk(q, k, b, z, G):
-    """Y = A (e^G b k), U = A z and the causal q-k decay matrix, batched over chunks in bounded groups."""
+    """Y = A (e^G b k), U = A z and the causal q-k decay matrix for every chunk.
+
+    Chunks whose total decay is mild take the one-matmul scores, the others the exact pairwise form in groups
+    that bound the [.., C, C, dk]-sized intermediates; each chunk's result is the same either way.
+    """
     *lead, NC, C, dk = k.shape
+    worst = (-G[..., -1, :]).amax(-1).reshape(-1, NC).amax(0)  # [NC]: the strongest channel's decay per chunk
+    mild = worst < SAFE_LOG_RANGE.get(k.dtype, 80.0)
     per_chunk = C * C * dk * max(1, int(torch.tensor(lead).prod()))
     step = max(1, 4 * _MAX_PAIRWISE_ELEMENTS // per_chunk)
+    Y = torch.empty_like(k)
+    U = torch.empty_like(z)
+    Aqk = k.new_empty(*lead, NC, C, C)
+    mild_idx, strong_idx = mild.nonzero().squeeze(-1), (~mild).nonzero().squeeze(-1)
+    groups = [(mild_idx, _mild_decay_scores)] if len(mild_idx) else []
+    groups += [(strong_idx[i:i + step], _decay_scores) for i in range(0, len(strong_idx), step)]
     eye = torch.eye(C, dtype=k.dtype, device=k.device)
     strict = torch.ones(C, C, dtype=torch.bool, device=k.device).tril(-1)
-    mild = bool(G[..., -1, :].min() > -SAFE_LOG_RANGE.get(k.dtype, 80.0))
-    scores = _mild_decay_scores if mild else _decay_scores
-    if mild:
-        step = NC
-    Ys, Us, Aqks = [], [], []
-    for c0 in range(0, NC, step):
-        sl = slice(c0, c0 + step)
-        Gc, kc = G[..., sl, :, :], k[..., sl, :, :]
-        erase = b[..., sl, :, :] * kc
-        Tm, Aqk = scores([erase, q[..., sl, :, :]], kc, Gc)
-        rhs = torch.cat([Gc.exp() * erase, z[..., sl, :, :]], dim=-1)
+    for idx, scores in groups:
+        pick = lambda t: t.index_select(-3, idx)  # noqa: E731
+        Gc, kc = pick(G), pick(k)
+        erase = pick(b) * kc
+        Tm, A = scores([erase, pick(q)], kc, Gc)
+        rhs = torch.cat([Gc.exp() * erase, pick(z)], dim=-1)
         sol = torch.linalg.solve_triangular(eye + Tm * strict, rhs, upper=False, unitriangular=True)
-        Ys.append(sol[..., :dk])
-        Us.append(sol[..., dk:])
-        Aqks.append(Aqk)
-    return torch.cat(Ys, -3), torch.cat(Us, -3), torch.cat(Aqks, -3)
+        Y.index_copy_(-3, idx, sol[..., :dk])
+        U.index_copy_(-3, idx, sol[..., dk:])
+        Aqk.index_copy_(-3, idx, A)
+    return Y, U, Aqk
 
 
 def _varlen(q, k, v, g, b, w, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):

@@ -129,3 +129,19 @@ def test_bad_shapes_name_the_problem():
         gated_delta_rule2(*x[:5], x[5][..., :4])
     with pytest.raises(ValueError, match="unknown backend"):
         gated_delta_rule2(*x, backend="cuda")
+
+
+def test_mild_and_strong_chunks_in_one_call_with_gradients():
+    """Chunks route to the one-matmul or the pairwise scores by their decay; values and gradients stay exact."""
+    x = make_inputs(1, 256, 2, 2, 16, 8, seed=9, decay=0.1)
+    x[3][:, 128:] *= 300  # the last two chunks decay far beyond the factorised form's safe range
+    x = [t.requires_grad_() for t in x]
+    y = [t.detach().clone().requires_grad_() for t in x]
+    o, s = chunk_gdn2_torch(*x, output_final_state=True, use_qk_l2norm=True)
+    ref_o, ref_s = naive_recurrent_gdn2(*y, output_final_state=True, use_qk_l2norm=True)
+    assert rel_err(o, ref_o) < 1e-10 and rel_err(s, ref_s) < 1e-10
+    r = torch.randn_like(o)
+    (o * r).sum().backward()
+    (ref_o * r).sum().backward()
+    for a, b in zip(x, y):
+        assert rel_err(a.grad, b.grad) < 1e-10
