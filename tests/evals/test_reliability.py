@@ -7,8 +7,12 @@ requests" is measured, not assumed.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,30 +36,49 @@ NIAH = ["--tasks", "ruler_niah_single_1", "--lengths", "256", "--num-samples", "
         "--device", "cpu", "--dtype", "float32"]
 N_REQUESTS = 8
 
-# Runs run_eval.main with the backend's batch functions wrapped: each computed batch appends its size to
-# $COUNT_FILE; after $KILL_AFTER batches the process sends itself $KILL_SIGNAL (after that batch is cached).
-DRIVER = r'''
-import os, signal, sys
+BATCH_FUNCTIONS = ("_greedy", "_score_batch", "_rolling_batch")
+
+
+def count_batches(count_file: Path, kill_after: int = 0, sig: str = "SIGKILL", patch=setattr) -> None:
+    """Wrap the backend's batch functions: each computed batch appends its size to `count_file`; when
+    `kill_after` batches are done the process sends itself `sig` (so those batches are cached, the next is not)."""
+    from evals import backend
+
+    done = {"batches": 0}
+
+    def wrap(original):
+        def run(self, *args, **kwargs):
+            if kill_after and done["batches"] == kill_after:
+                os.kill(os.getpid(), getattr(signal, sig))
+            out = original(self, *args, **kwargs)
+            done["batches"] += 1
+            with open(count_file, "a") as f:
+                f.write(f"{len(out)}\n")
+            return out
+        return run
+
+    for name in BATCH_FUNCTIONS:
+        patch(backend.GDN2LM, name, wrap(getattr(backend.GDN2LM, name)))
+
+
+# a subprocess for SIGKILL: the CLI with count_batches installed from the environment
+DRIVER = """
+import os, sys
 sys.path.insert(0, os.environ["REPO"])
-from evals import backend
-counted = {"batches": 0}
-def wrap(name):
-    original = getattr(backend.GDN2LM, name)
-    def run(self, *args, **kwargs):
-        limit = int(os.environ.get("KILL_AFTER", "0"))
-        if limit and counted["batches"] == limit:
-            os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
-        out = original(self, *args, **kwargs)
-        counted["batches"] += 1
-        with open(os.environ["COUNT_FILE"], "a") as f:
-            f.write(f"{len(out)}\n")
-        return out
-    setattr(backend.GDN2LM, name, run)
-for name in ("_greedy", "_score_batch", "_rolling_batch"):
-    wrap(name)
+from tests.evals.test_reliability import count_batches
+count_batches(os.environ["COUNT_FILE"], int(os.environ["KILL_AFTER"]), os.environ["KILL_SIGNAL"])
 import run_eval
 sys.exit(run_eval.main(sys.argv[1:]))
-'''
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: threads only add overhead here, and stall badly on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_checkpoint(folder: Path, seed: int = 0, **config) -> Path:
@@ -84,12 +107,21 @@ def drive(args: list[str], tmp: Path, kill_after: int = 0, sig: str = "SIGKILL")
     count = tmp / f"count-{os.urandom(4).hex()}"
     count.touch()
     env = {**os.environ, "REPO": str(ROOT), "COUNT_FILE": str(count), "KILL_AFTER": str(kill_after),
-           "KILL_SIGNAL": sig, "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}  # tiny matrices: threads only add overhead
+           "KILL_SIGNAL": sig, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # tiny matrices: no threads
     proc = subprocess.run([sys.executable, "-c", DRIVER, *args], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp)
-    computed = sum(int(line) for line in count.read_text().split())
-    return proc.returncode, computed, proc.stderr
+    return proc.returncode, sum(int(n) for n in count.read_text().split()), proc.stderr
+
+
+def drive_here(args: list[str], tmp: Path, kill_after: int = 0) -> tuple[int, int, str]:
+    """The same in this process (SIGINT arrives as KeyboardInterrupt); saves the CLI's start-up time."""
+    count = tmp / f"count-{os.urandom(4).hex()}"
+    count.touch()
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stderr(err):
+        count_batches(count, kill_after, "SIGINT", patch=m.setattr)
+        rc = run_eval.main(args)
+    return rc, sum(int(n) for n in count.read_text().split()), err.getvalue()
 
 
 def stored(out: Path) -> tuple[dict, str, dict]:
@@ -102,7 +134,7 @@ def stored(out: Path) -> tuple[dict, str, dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(ckpt, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("whole")
-    rc, computed, err = drive(["run", "--checkpoint", str(ckpt), *NIAH, "--output", str(tmp / "out")], tmp)
+    rc, computed, err = drive_here(["run", "--checkpoint", str(ckpt), *NIAH, "--output", str(tmp / "out")], tmp)
     assert rc == 0, err
     assert computed == N_REQUESTS
     return tmp / "out"
@@ -112,20 +144,23 @@ def uninterrupted(ckpt, tmp_path_factory) -> Path:
 def test_killed_run_resumes_computing_only_the_rest(ckpt, uninterrupted, tmp_path, sig):
     out = tmp_path / "out"
     args = ["run", "--checkpoint", str(ckpt), *NIAH, "--output", str(out)]
-    rc, first, err = drive(args, tmp_path, kill_after=2, sig=sig)
+    if sig == "SIGKILL":
+        rc, first, err = drive(args, tmp_path, kill_after=2, sig=sig)
+    else:
+        rc, first, err = drive_here(args, tmp_path, kill_after=2)
     assert rc == (-signal.SIGKILL if sig == "SIGKILL" else 130), err
     assert first == 4  # two batches of two finished before the kill
     if sig == "SIGINT":
         assert "rerun the same command to resume" in err
     assert not (out / ckpt.name / "meta.json").exists()  # no task finished, so nothing is marked done
-    rc, second, err = drive(args, tmp_path)
+    rc, second, err = drive_here(args, tmp_path)
     assert rc == 0, err
     assert second == N_REQUESTS - first  # nothing that had finished ran again
     results, samples, meta = stored(out)
     ref_results, ref_samples, ref_meta = stored(uninterrupted)
     assert meta["complete"] and ref_meta["complete"]
     assert results == ref_results and samples == ref_samples
-    rc, third, _ = drive(args, tmp_path)  # a finished run: nothing to do
+    rc, third, _ = drive_here(args, tmp_path)  # a finished run: nothing to do
     assert rc == 0 and third == 0
 
 
@@ -263,3 +298,205 @@ def test_dataset_missing_offline(ckpt, tmp_path, capsys):
                      "--data-dir", str(empty), "--output", str(tmp_path / "out")], capsys)
     assert "offline dataset EleutherAI/lambada_openai" in err and str(empty) in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("results.json"))
+
+
+# ---- out of memory and NaN/inf ------------------------------------------------------------------------------------
+def tiny_lm(batch_size: int = 8):
+    from evals.backend import GDN2LM
+    from gdn2.tokenizer import load_tokenizer
+
+    model = GPT(Config.from_name("tiny", vocab_size=1024)).init_weights(seed=3)
+    model.backend = "torch"
+    return GDN2LM(model=model, tokenizer=load_tokenizer(TOKENIZER_DIR), bos="true", batch_size=batch_size)
+
+
+def instances(kind: str, n: int = 6):
+    from lm_eval.api.instance import Instance
+
+    if kind == "loglikelihood":
+        args = [(f"Context number {i} is here.", f" answer {i}") for i in range(n)]
+    elif kind == "loglikelihood_rolling":
+        args = [(f"A document {'with words ' * i}ends.",) for i in range(n)]
+    else:
+        args = [(f"Say {i}:", {"until": ["\n"], "max_gen_toks": 4}) for i in range(n)]
+    return [Instance(kind, {}, a, i, ("mytask", 10 + i, 1)) for i, a in enumerate(args)]
+
+
+def limit_rows(monkeypatch, lm, max_rows: int | None) -> list[int]:
+    """Make the model raise CUDA out-of-memory for prefills of more than `max_rows` rows; returns the row counts."""
+    original = lm.model.prefill
+    seen = []
+
+    def prefill(tokens, *args, **kwargs):
+        seen.append(tokens.shape[0])
+        if max_rows is None or tokens.shape[0] > max_rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "prefill", prefill)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["loglikelihood", "loglikelihood_rolling", "generate_until"])
+def test_out_of_memory_halves_the_batch_and_gives_the_same_answers(kind, monkeypatch):
+    reference = getattr(tiny_lm(), kind)(instances(kind))
+    lm = tiny_lm(batch_size=8)
+    seen = limit_rows(monkeypatch, lm, max_rows=2)
+    got = getattr(lm, kind)(instances(kind))
+    if kind == "generate_until":
+        assert got == reference
+    else:
+        flat = lambda rs: [r[0] if isinstance(r, tuple) else r for r in rs]  # noqa: E731
+        assert flat(got) == pytest.approx(flat(reference), rel=1e-5, abs=1e-5)
+    assert max(seen) > 2 and lm.batching.batch_size <= 2  # it tried bigger, then kept the size that fits
+
+
+def test_out_of_memory_at_batch_one_is_explained(monkeypatch):
+    from evals.errors import explain
+
+    lm = tiny_lm()
+    limit_rows(monkeypatch, lm, max_rows=None)
+    with pytest.raises(guards.GPUOutOfMemoryError) as info:
+        lm.generate_until(instances("generate_until"))
+    assert "batch size 1" in explain(info.value) and "--dtype bfloat16" in explain(info.value)
+
+
+def poison(monkeypatch, lm, row: int) -> None:
+    """Every prefill returns NaN logits in `row` (when the batch has it)."""
+    original = lm.model.prefill
+
+    def prefill(*args, **kwargs):
+        logits, state = original(*args, **kwargs)
+        if logits.shape[0] > row:
+            logits = logits.clone()
+            logits[row] = float("nan")
+        return logits, state
+
+    monkeypatch.setattr(lm.model, "prefill", prefill)
+
+
+@pytest.mark.parametrize("kind", ["loglikelihood", "loglikelihood_rolling", "generate_until"])
+def test_nan_logits_fail_naming_the_request(kind, monkeypatch):
+    lm = tiny_lm(batch_size=2)
+    cached: list = []
+
+    class Hook:
+        def add_partial(self, attr, request, response):
+            cached.append(response)
+
+    lm.cache_hook = Hook()
+    poison(monkeypatch, lm, row=1)
+    with pytest.raises(guards.NonFiniteError, match="(?i)nan") as info:
+        getattr(lm, kind)(instances(kind))
+    text = str(info.value)
+    named = r"task mytask doc 1\d \(request \d\)" if kind != "loglikelihood" else r"request \d \(continuation "
+    assert re.search(named, text) and "--dtype float32" in text, text
+    numbers = [r[0] if isinstance(r, tuple) else r for r in cached if not isinstance(r, str)]
+    assert all(map(math.isfinite, numbers))  # nothing non-finite reached the cache
+
+
+def test_nan_run_fails_the_task_and_is_not_complete(ckpt, tmp_path, capsys, monkeypatch):
+    from gdn2.model import GPT as Model
+
+    original = Model.prefill
+
+    def nan_prefill(self, *args, **kwargs):
+        logits, state = original(self, *args, **kwargs)
+        return logits * float("nan"), state
+
+    monkeypatch.setattr(Model, "prefill", nan_prefill)
+    out = tmp_path / "out"
+    args = niah(ckpt, out) + ["--limit", "1"]
+    err = cli_error(args, capsys)
+    assert "1 task(s) failed" in err and "ruler_niah_single_1 doc 0" in err and "NaN" in err
+    assert not (out / ckpt.name / "results.json").exists()
+    monkeypatch.setattr(Model, "prefill", original)  # fixed model: the same command now runs the task
+    rc, err = run_cli(args, capsys)
+    assert rc == 0, err
+    assert json.loads((out / ckpt.name / "meta.json").read_text())["complete"]
+
+
+# ---- safety -------------------------------------------------------------------------------------------------------
+class RunsCode:
+    """Unpickling this would run `touch MARKER` (weights_only loading must refuse it)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path, capsys):
+    from gdn2.checkpoint import CheckpointError, load_checkpoint
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "payload": RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match="never runs code"):
+        load_checkpoint(path)
+    err = cli_error(niah(path, tmp_path / "out"), capsys)
+    assert "never runs code" in err
+    assert not marker.exists()
+
+
+def test_every_torch_load_is_weights_only():
+    calls = []
+    for path in [*ROOT.glob("gdn2/**/*.py"), *ROOT.glob("evals/**/*.py"), *ROOT.glob("tasks/**/*.py"),
+                 ROOT / "run_eval.py"]:
+        text = path.read_text()
+        for start in [i for i in range(len(text)) if text.startswith("torch.load(", i)]:
+            call = text[start: text.index(")", start) + 1]
+            calls.append(call)
+            assert "weights_only=True" in call, f"{path}: {call}"
+    assert calls  # the checkpoint readers do call it
+
+
+def test_task_yaml_functions_stay_inside_the_task_folders(tmp_path):
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if "." in str(tmp_path):
+        pytest.skip("the absolute dotted-path trick needs a tmp path without dots")
+    guards.guard_yaml_functions(guards.default_yaml_roots())
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef run(x):\n    return x\n")
+    dotted = str(tmp_path / "evil").replace("/", ".")  # lm-eval turns dots into slashes: an absolute path
+    for ref in ("os.system", "subprocess.getoutput", f"{dotted}.run", "utils.run"):
+        sub = tmp_path / "sub"
+        sub.mkdir(exist_ok=True)
+        (sub / "utils.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef run(x):\n    return x\n")
+        (sub / "t.yaml").write_text(f"task: t\nprocess_docs: !function {ref}\n")
+        with pytest.raises(ValueError, match="only code inside the task folders"):
+            load_yaml(sub / "t.yaml")
+    assert not marker.exists()
+    ours = load_yaml(ROOT / "tasks" / "ruler" / "ruler_niah_single_1.yaml")  # our own tasks still load
+    assert callable(ours["custom_dataset"])
+
+
+def test_hf_offline_sets_and_restores_the_flags(monkeypatch):
+    import datasets.config
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = datasets.config.HF_DATASETS_OFFLINE
+    with guards.hf_offline(hub=False, datasets=True):
+        assert os.environ["HF_DATASETS_OFFLINE"] == "1" and datasets.config.HF_DATASETS_OFFLINE is True
+        assert "HF_HUB_OFFLINE" not in os.environ
+    assert datasets.config.HF_DATASETS_OFFLINE == before and "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_a_local_run_never_opens_a_socket(ckpt, tmp_path, capsys, monkeypatch):
+    from evals.runner import RunSpec, _needs_online, make_plan
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    rc, err = run_cli(niah(ckpt, tmp_path / "out") + ["--limit", "1"], capsys)
+    assert rc == 0, err
+    spec = RunSpec(checkpoints=["x"], tasks=["ruler_niah_single_1", "piqa"])
+    assert _needs_online(spec, make_plan(spec)) == {"models": True, "datasets": True}
+    spec.data_dir = str(FIXTURE_DATA)
+    assert _needs_online(spec, make_plan(spec)) == {"models": False, "datasets": False}
+    spec.checkpoints = ["hf:EleutherAI/pythia-160m"]
+    assert _needs_online(spec, make_plan(spec)) == {"models": True, "datasets": False}
