@@ -92,8 +92,9 @@ class GPT(nn.Module):
         layers = []
         for block in self.transformer.h:
             shapes = block.attn.state_shapes()
+            state_dtype = torch.promote_types(torch.float32, dtype)  # fp32 (fp64 for fp64 models)
             layers.append({k: torch.zeros(batch_size, *s, device=device,
-                                          dtype=torch.float32 if k == "S" else dtype) for k, s in shapes.items()})
+                                          dtype=state_dtype if k == "S" else dtype) for k, s in shapes.items()})
         return State(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
 
     # ---- forward -----------------------------------------------------------------------------------------------
