@@ -3,8 +3,10 @@
 For each checkpoint (and each gate mode when the suite ablates gates) the runner loads the model once, then for
 every task not already finished in OUT/<label>/: sets the task's BOS policy, builds the task through our task
 manager (offline data, per-task metadata such as NIAH lengths, the model's own tokenizer for sizing), runs
-`lm_eval.simple_evaluate` with a request-level cache (lm-eval's CachingLM, written as each batch finishes), and
-stores the result. Killing a run loses at most the batch in flight; the same command resumes.
+`lm_eval.simple_evaluate` with a request-level cache (evals.request_cache: every finished request is committed to
+SQLite before the next batch), and stores the result. Killing a run (SIGINT or SIGKILL) loses at most the batch in
+flight; the same command resumes. A rerun whose settings change the numbers (RUN_KEYS, MODEL_KEYS, a task's
+metadata or BOS policy) is refused with ConfigMismatchError instead of mixing results in one folder.
 """
 from __future__ import annotations
 
