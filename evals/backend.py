@@ -215,6 +215,10 @@ class GDN2LM(TemplateLM):
             self.batching.batch_size, self.batching.max_batch_tokens)
 
     # ---- loglikelihood ------------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # lm-eval's tokenizing bar is noise next to ours (Progress counts requests and tokens/s)
+        return super().loglikelihood(requests, disable_tqdm=True)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (_, ctx, cont) in enumerate(requests):

@@ -92,11 +92,16 @@ def noise_haystack(tokenizer: Tokenizer, min_tokens: int) -> Haystack:
 
 def read_essays(essay_dir: str | Path) -> list[str]:
     """All words of the *.txt essays in `essay_dir` (sorted by name), whitespace-normalised as RULER does."""
+    if not essay_dir:
+        raise FileNotFoundError(
+            "essay-haystack NIAH tasks need essays: pass --essay-dir <folder of *.txt essays> (RULER uses Paul "
+            "Graham's essays) or --data-dir with a paul_graham_essays/ folder in it"
+        )
     folder = Path(essay_dir)
     files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
     if not files:
         raise FileNotFoundError(
-            f"essay haystack folder {folder} has no *.txt essays: pass metadata essay_dir=<folder of essays> "
+            f"essay haystack folder {folder} has no *.txt essays: pass --essay-dir <folder of essays> "
             "(RULER uses Paul Graham's essays) or use haystack=noise"
         )
     text = " ".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
