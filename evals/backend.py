@@ -85,6 +85,11 @@ class GDN2LM(TemplateLM):
                 raise ValueError("gdn2 needs checkpoint=PATH_OR_NAME in --model_args (see `run_eval.py list`)")
             from gdn2.checkpoint import load_checkpoint
 
+            if device and device.startswith("cuda") and not torch.cuda.is_available():
+                import logging  # lm-eval's CLI asks for cuda by default; follow HFLM and fall back
+
+                logging.getLogger("gdn2").warning("device %s is not available: using cpu", device)
+                device = "cpu"
             self.loaded = load_checkpoint(
                 checkpoint, preset=preset, device=device or _default_device(), dtype=_dtype(dtype, device),
                 gate_mode=gate_mode, tokenizer=tokenizer if isinstance(tokenizer, str) else None,

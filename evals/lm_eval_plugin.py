@@ -1,8 +1,10 @@
 """Make `lm_eval --model gdn2` work: lm-eval 0.4.x finds models only in its own registry (no plugin entry points).
 
 `python run_eval.py lm-eval-plugin install` writes a one-line .pth file into site-packages that imports this module
-at interpreter start. It does nothing then but wait for `lm_eval.api.registry` to be imported, and registers
-"gdn2" there as a lazy placeholder ("evals.backend:GDN2LM"), so no torch import happens unless the model is used.
+at interpreter start. It does nothing then but wait for `lm_eval.models` (lm-eval's own model table) to be
+imported, and registers "gdn2" next to them as a lazy placeholder ("evals.backend:GDN2LM"), so no torch import
+happens unless the model is used. (Hooking the registry module itself would leave it non-empty too early, and
+lm-eval then skips importing its own models.)
 """
 from __future__ import annotations
 
@@ -16,15 +18,17 @@ PTH_NAME = "gdn2_eval_lm_eval_plugin.pth"
 TARGET = "evals.backend:GDN2LM"
 
 
-def register(registry_module) -> None:
-    if "gdn2" not in registry_module.model_registry:
-        registry_module.model_registry.register("gdn2", target=TARGET)
+def register() -> None:
+    from lm_eval.api.registry import model_registry
+
+    if "gdn2" not in model_registry:
+        model_registry.register("gdn2", target=TARGET)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Lets the normal import of lm_eval.api.registry run, then adds our model to it."""
+    """Lets the normal import of lm_eval.models run, then adds our model to the registry."""
 
-    name = "lm_eval.api.registry"
+    name = "lm_eval.models"
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
@@ -37,7 +41,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module):
             exec_module(module)
-            register(module)
+            register()
 
         spec.loader.exec_module = exec_and_register
         return spec
@@ -45,8 +49,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
 def activate() -> None:
     """Called from the .pth file: register now if lm-eval is already imported, else when it is."""
-    if "lm_eval.api.registry" in sys.modules:
-        register(sys.modules["lm_eval.api.registry"])
+    if "lm_eval.models" in sys.modules:
+        register()
     elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
 
