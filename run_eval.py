@@ -121,8 +121,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     c.add_column("name")
     c.add_column("kind")
     for name in _demo_names():
-        if name != "tokenizer":
-            c.add_row(f"demo:{name}", "embedded demo checkpoint (toy, see README)")
+        c.add_row(f"demo:{name}", "embedded demo checkpoint (toy, see README)")
     for name in PRESETS:
         c.add_row(name, "model preset (--preset, for lit_gpt checkpoints)")
     console.print(c)

@@ -57,7 +57,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def _demo_names() -> list[str]:
-    return sorted(p.name for p in DEMO_DIR.iterdir() if p.is_dir()) if DEMO_DIR.is_dir() else []
+    if not DEMO_DIR.is_dir():
+        return []
+    return sorted(p.name for p in DEMO_DIR.iterdir() if (p / "config.json").is_file())  # not the shared tokenizer/
 
 
 def resolve_spec(spec: str | os.PathLike) -> tuple[str, Path, dict]:
