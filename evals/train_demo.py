@@ -10,12 +10,17 @@ Recipe (the same for the three families; only the mixer's gate parameterisation 
     the loss is on the answer tokens only.
   - model: 4 blocks, d = 128, 2 heads of 64, MLP 384, vocabulary 1024: ~0.9M parameters.
   - each sequence also asks about up to three other needles of its haystack (more answers per sequence).
-  - optimiser: AdamW (lr 5e-3, betas 0.9/0.95, wd 0.1), 50 warm-up steps, cosine to 10%, batch 64,
-    a fixed wall-clock budget per model (the schedule follows whichever of steps or time ends first).
+  - optimiser: AdamW (betas 0.9/0.95, wd 0.1), 50 warm-up steps, cosine to 10% of the peak lr.
+  - the shipped checkpoints had two stages, recorded in each config.json under recipe.stages:
+      1. on one H200: lr 5e-3, batch 64, lengths 128-640, 250 s per model (809 steps);
+      2. on a 2-core CPU from stage 1: lr 2e-3, batch 16, lengths 128-256, 330 steps
+         (`--init gdn2/demo --device cpu --lengths 128,160,192,256 --batch-size 16 --lr 2e-3 --steps 330`).
   - stored in bf16 safetensors (native format) under gdn2/demo/<name>/.
 These are toy models for the demo suite, not the paper's 1.3B models.
 
-    python -m evals.train_demo --out gdn2/demo --steps 1500 --device cuda
+    python -m evals.train_demo --out gdn2/demo --device cuda --time-budget 250 --steps 100000     # stage 1
+    python -m evals.train_demo --out gdn2/demo --init gdn2/demo --device cpu --lengths 128,160,192,256 \
+        --batch-size 16 --lr 2e-3 --workers 1 --steps 330                                         # stage 2
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -239,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out needle check after training")
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     tok_dir = Path(args.out) / "tokenizer"
@@ -251,12 +258,16 @@ def main(argv: list[str] | None = None) -> None:
         model.eval()
         for param in model.parameters():  # evaluate what is shipped: bf16-rounded weights
             param.data = param.data.to(torch.bfloat16).float()
-        for variant in ("niah_single_1", "niah_multikey_1"):
+        for variant in () if args.no_eval else ("niah_single_1", "niah_multikey_1"):
             for length in (256, 512, 1024):
                 print(f"{name} {variant}@{length}: {quick_accuracy(model, tok, variant, length):.2f}", flush=True)
-        recipe = {"steps": model.steps_done, "batch_size": 64, "lr": 5e-3, "mixture": MIXTURE, "lengths": LENGTHS,
-                  "script": "python -m evals.train_demo"}
-        save(model, Path(args.out) / name, recipe, tok_dir)
+        stage = {"steps": model.steps_done, "batch_size": args.batch_size, "lr": args.lr, "mixture": MIXTURE,
+                 "lengths": list(LENGTHS), "device": args.device, "init": args.init,
+                 "command": "python -m evals.train_demo " + " ".join(argv if argv is not None else sys.argv[1:])}
+        earlier = []
+        if args.init and (Path(args.init) / name / "config.json").is_file():
+            earlier = json.loads((Path(args.init) / name / "config.json").read_text()).get("recipe", {}).get("stages", [])
+        save(model, Path(args.out) / name, {"stages": earlier + [stage]}, tok_dir)
 
 
 if __name__ == "__main__":
