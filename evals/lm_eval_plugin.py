@@ -56,7 +56,9 @@ def activate() -> None:
 
 
 def pth_line() -> str:
-    return "import evals.lm_eval_plugin as _gdn2_plugin; _gdn2_plugin.activate()\n"
+    # site.py executes .pth lines that start with "import"; a missing or foreign `evals` must stay silent
+    body = "try:\n    from evals import lm_eval_plugin\n    lm_eval_plugin.activate()\nexcept Exception:\n    pass"
+    return f"import sys; exec({body!r})\n"
 
 
 def install(site_dir: str | None = None) -> Path:
