@@ -130,6 +130,9 @@ class RunStore:
     def write_config(self, label: str, config: Mapping[str, Any]) -> None:
         atomic_write_json(self.label_dir(label) / "config.json", config)
 
+    def read_config(self, label: str) -> dict[str, Any]:
+        return _read_json(self.out_dir / _check_label(label) / "config.json", {})
+
     def read_meta(self, label: str) -> RunMeta:
         return _read_json(self.out_dir / _check_label(label) / "meta.json", {})
 

@@ -16,6 +16,7 @@ import logging
 import platform
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -157,7 +158,7 @@ def load_lm(checkpoint: str, spec: RunSpec, gate_mode: str):
 def _sizing_tokenizer(lm, checkpoint: str) -> dict[str, str]:
     if checkpoint.startswith("hf:"):
         return {"hf_tokenizer": checkpoint[3:]}
-    return {"tokenizer": lm.tok.name if lm.tok.name != "byte" else "byte"}
+    return {"tokenizer": lm.tok.name}
 
 
 def _config_hash(config: Any) -> str:
@@ -201,11 +202,10 @@ def check_resumable(store: RunStore, label: str, plan: Plan, run_id: dict[str, A
 
     Compared against config.json for the tasks already done there; a task not yet done may join freely.
     """
-    path = store.out_dir / label / "config.json"
     done = [t for t in plan.tasks if store.task_done(label, t)]
-    if not done or not path.is_file():
+    stored = store.read_config(label)
+    if not done or not stored:
         return
-    stored = json.loads(path.read_text(encoding="utf-8"))
     identity = stored.get("identity") or {k: stored.get(k) for k in RUN_KEYS}
     diffs = _differences(identity, run_id)
     if model_id is not None and isinstance(identity.get("model"), dict):
@@ -221,11 +221,6 @@ def check_resumable(store: RunStore, label: str, plan: Plan, run_id: dict[str, A
             f"{' ...' if len(diffs) > 3 else ''}): pass a new --output, or delete that folder to recompute")
 
 
-def _stored_per_task(store: RunStore, label: str) -> dict[str, Any]:
-    path = store.out_dir / label / "config.json"
-    return json.loads(path.read_text(encoding="utf-8")).get("per_task", {}) if path.is_file() else {}
-
-
 def _weight_files(lm) -> list[list[Any]]:
     """[path, size, mtime_ns] of the checkpoint's weight files: a cheap test that a rerun reads the same weights."""
     files = getattr(getattr(lm, "loaded", None), "weight_files", None) or []
@@ -237,8 +232,7 @@ def _same_weights(store: RunStore, label: str, checkpoint: str) -> bool:
 
     Otherwise the runner loads the model, so that check_resumable compares the weights' sha256.
     """
-    path = store.out_dir / label / "config.json"
-    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    stored = store.read_config(label)
     if stored.get("checkpoint") != checkpoint:
         return False
     for name, size, mtime in stored.get("weight_files", []):
@@ -300,7 +294,7 @@ def _run_label(spec: RunSpec, plan: Plan, store: RunStore, checkpoint: str, mode
     run_id = _run_identity(spec, mode)
     model_id = _model_identity(lm.describe() if hasattr(lm, "describe") else {"checkpoint": checkpoint})
     check_resumable(store, label, plan, run_id, model_id)
-    per_task = _stored_per_task(store, label)
+    per_task = store.read_config(label).get("per_task", {})
     failed = []
     for task in plan.tasks:
         if store.task_done(label, task):
@@ -323,10 +317,9 @@ def _run_label(spec: RunSpec, plan: Plan, store: RunStore, checkpoint: str, mode
         tm = catalog.task_manager(spec.data_dir, _sizing_tokenizer(lm, checkpoint),
                                   {task: plan.metadata.get(task, {})}, plan.config)
         started = time.time()
-        ctx = on_task(label, task, lm) if on_task else None
         out = None
         try:
-            with ctx if ctx is not None else _null():
+            with on_task(label, task, lm) if on_task else nullcontext():
                 out = lm_eval.simple_evaluate(
                     model=lm, tasks=[task], task_manager=tm, limit=spec.limit, log_samples=True,
                     use_cache=str(cache), random_seed=spec.seed, numpy_random_seed=spec.seed,
@@ -343,14 +336,6 @@ def _run_label(spec: RunSpec, plan: Plan, store: RunStore, checkpoint: str, mode
             store.save_task(label, task, dict(out), config, meta)
         distributed.barrier()  # the next task_done check reads what rank 0 wrote
     return failed
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def quiet_lm_eval() -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from gdn2.config import Config
 from gdn2.ops import gated_delta_rule2, gated_delta_rule2_step
+from gdn2.ops.utils import expand_heads
 
 
 class RMSNorm(nn.Module):
@@ -161,8 +162,7 @@ class GatedDeltaNet2(nn.Module):
             b = beta[..., None].expand(*beta.shape, K)
             w = beta[..., None].expand(*beta.shape, V)
         if c.gate_mode != "full":
-            b = b if b.shape[-2] == HV else b.repeat_interleave(HV // b.shape[-2], dim=-2)
-            b, w = apply_gate_mode(b, w, c.gate_mode)
+            b, w = apply_gate_mode(expand_heads(b, HV, dim=-2), w, c.gate_mode)
         return g, b.contiguous(), w.contiguous()
 
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -195,12 +195,10 @@ class GatedDeltaNet2(nn.Module):
     def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], backend: str = "auto") -> torch.Tensor:
         """x [B, d], one token per row; updates the state in place."""
         KD = self.H * self.K
-        tails = state["conv"]
-        tq, tk, tv = tails[..., :KD].clone(), tails[..., KD:2 * KD].clone(), tails[..., 2 * KD:].clone()
-        q = self.q_conv1d.step(self.q_proj(x), tq)
-        k = self.k_conv1d.step(self.k_proj(x), tk)
-        v = self.v_conv1d.step(self.v_proj(x), tv)
-        tails.copy_(torch.cat([tq, tk, tv], dim=-1))
+        tails = state["conv"]  # each conv writes its own slice of the tails in place
+        q = self.q_conv1d.step(self.q_proj(x), tails[..., :KD])
+        k = self.k_conv1d.step(self.k_proj(x), tails[..., KD:2 * KD])
+        v = self.v_conv1d.step(self.v_proj(x), tails[..., 2 * KD:])
         g, b, w = self._gates(x)
         o = gated_delta_rule2_step(
             q.unflatten(-1, (self.H, self.K)), k.unflatten(-1, (self.H, self.K)),

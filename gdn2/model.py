@@ -150,8 +150,7 @@ class GPT(nn.Module):
                 r_idx = rows[:, None].expand_as(valid)[valid]
                 out[r_idx, cols[None, :].expand_as(valid)[valid]] = self.lm_head(hidden).to(ldt)
             elif logits == "last":
-                ends = (seg_rows == self.chunk_tokens) & (lengths[rows] > c0 + self.chunk_tokens)
-                done = ~ends  # rows whose last token lies in this chunk
+                done = lengths[rows] <= c0 + self.chunk_tokens  # rows whose last token lies in this chunk
                 last_hidden = hidden[cu[1:] - 1]
                 out[rows[done]] = self.lm_head(last_hidden[done]).to(ldt)
         return out, state

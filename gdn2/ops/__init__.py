@@ -14,7 +14,7 @@ import torch
 
 from gdn2.ops.chunk_torch import chunk_gdn2_torch
 from gdn2.ops.naive import naive_recurrent_gdn2
-from gdn2.ops.utils import check_inputs, l2norm
+from gdn2.ops.utils import check_inputs, expand_heads, l2norm
 
 __all__ = [
     "gated_delta_rule2",
@@ -138,7 +138,7 @@ def _step_torch(q, k, v, g, b, w, state, scale, use_qk_l2norm) -> torch.Tensor:
     acc = state.dtype
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
-    q, k, g, b = (x.to(acc).repeat_interleave(HV // x.shape[1], dim=1) for x in (q, k, g, b))
+    q, k, g, b = (expand_heads(x.to(acc), HV, dim=1) for x in (q, k, g, b))
     S = state * g.exp()[..., None]
     erase = torch.einsum("bhk,bhkv->bhv", b * k, S)
     S = S + k[..., None] * (w.to(acc) * v.to(acc) - erase)[..., None, :]
@@ -164,8 +164,7 @@ def gated_deltanet(q, k, v, g_scalar, beta, **kwargs) -> tuple[torch.Tensor, tor
 
 def no_delta(q, k, v, g, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention (no delta correction): b = 0, w = 1."""
-    HV = v.shape[2]
-    g = g if g.shape[2] == HV else g.repeat_interleave(HV // g.shape[2], dim=2)
+    g = expand_heads(g, v.shape[2])
     b = torch.zeros_like(g, dtype=k.dtype)
     w = torch.ones_like(v)
     return gated_delta_rule2(q, k, v, g, b, w, **kwargs)

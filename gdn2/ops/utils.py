@@ -10,14 +10,15 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def expand_heads(x: torch.Tensor, num_v_heads: int) -> torch.Tensor:
-    """Repeat a key-head tensor [B, T, H, d] onto the value heads: value head hv reads key head hv // (HV/H)."""
-    H = x.shape[2]
+def expand_heads(x: torch.Tensor, num_v_heads: int, dim: int = 2) -> torch.Tensor:
+    """Repeat key-head tensor x (heads on axis `dim`, e.g. [B, T, H, d]) onto the value heads: value head hv reads
+    key head hv // (HV/H)."""
+    H = x.shape[dim]
     if H == num_v_heads:
         return x
     if num_v_heads % H:
         raise ValueError(f"value heads ({num_v_heads}) must be a multiple of key heads ({H})")
-    return x.repeat_interleave(num_v_heads // H, dim=2)
+    return x.repeat_interleave(num_v_heads // H, dim=dim)
 
 
 def sequence_bounds(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
