@@ -11,16 +11,21 @@ Recipe (the same for the three families; only the mixer's gate parameterisation 
   - model: 4 blocks, d = 128, 2 heads of 64, MLP 384, vocabulary 1024: ~0.9M parameters.
   - each sequence also asks about up to three other needles of its haystack (more answers per sequence).
   - optimiser: AdamW (betas 0.9/0.95, wd 0.1), 50 warm-up steps, cosine to 10% of the peak lr.
-  - the shipped checkpoints had two stages, recorded in each config.json under recipe.stages:
-      1. on one H200: lr 5e-3, batch 64, lengths 128-640, 250 s per model (809 steps);
+  - the shipped checkpoints had three stages, recorded in each config.json under recipe.stages:
+      1. on one H200: lr 5e-3, batch 64, lengths 128-640, 250 s per model (about 805 steps);
       2. on a 2-core CPU from stage 1: lr 2e-3, batch 16, lengths 128-256, 330 steps
-         (`--init gdn2/demo --device cpu --lengths 128,160,192,256 --batch-size 16 --lr 2e-3 --steps 330`).
+         (`--init gdn2/demo --device cpu --lengths 128,160,192,256 --batch-size 16 --lr 2e-3 --steps 330`);
+      3. on one H200 from stage 2, the three families as parallel processes: lr 3e-3, batch 128,
+         lengths 128-512, 480 s each (950-1160 steps).
   - stored in bf16 safetensors (native format) under gdn2/demo/<name>/.
 These are toy models for the demo suite, not the paper's 1.3B models.
 
     python -m evals.train_demo --out gdn2/demo --device cuda --time-budget 250 --steps 100000     # stage 1
     python -m evals.train_demo --out gdn2/demo --init gdn2/demo --device cpu --lengths 128,160,192,256 \
         --batch-size 16 --lr 2e-3 --workers 1 --steps 330                                         # stage 2
+    for f in gdn2-demo kda-demo gdn-demo; do python -m evals.train_demo --out gdn2/demo --init gdn2/demo \
+        --families $f --device cuda --time-budget 480 --steps 100000 --batch-size 128 --lr 3e-3 \
+        --lengths 128,192,256,320,384,512 & done; wait                                             # stage 3
 """
 from __future__ import annotations
 
