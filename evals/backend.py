@@ -6,7 +6,8 @@ What a recurrent model buys, and how it is used here:
   - loglikelihood: requests that share a context are grouped; the context is prefilled once, its state is
     repeated once per continuation, and all continuations are scored from it in one ragged batch.
   - loglikelihood_rolling: the whole document is consumed in bounded chunks that carry the state; no windows.
-  - generate_until: contexts are prefilled in ragged batches, then decoded greedily with model.step.
+  - generate_until: contexts are prefilled in ragged batches, then decoded greedily with model.step, replayed
+    from a CUDA graph on GPUs (gdn2.generate); stop strings are checked on the last few tokens only.
 Padding never enters a state (ragged rows go through lengths), nothing is truncated by default, and requests are
 sorted by length and batched under a token budget; results come back in request order.
 """
@@ -21,6 +22,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from evals import guards
+from gdn2.generate import StepperCache, greedy_blocks
 from gdn2.model import GPT
 from gdn2.tokenizer import Tokenizer
 
@@ -76,6 +78,7 @@ class GDN2LM(TemplateLM):
         preset: str | None = None,
         backend: str = "auto",
         prefill_chunk: int = 16384,
+        cuda_graphs: bool | str = True,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -105,6 +108,8 @@ class GDN2LM(TemplateLM):
         self.model = model.eval()
         self.model.backend = backend
         self.model.chunk_tokens = int(prefill_chunk)
+        self.cuda_graphs = _as_bool(cuda_graphs)
+        self._stepper_cache: StepperCache | None = None
         self.tok: Tokenizer = tokenizer
         self._device = self.model.lm_head.weight.device
         self.batching = Batching(
@@ -345,28 +350,50 @@ class GDN2LM(TemplateLM):
         logits, state = self.model.prefill(tokens, lengths=lengths, logits="last")
         B = len(ctxs)
         generated: list[list[int]] = [[] for _ in range(B)]
-        texts = [""] * B
         done = [False] * B
-        stops = [s for s in until if s]
-        for _ in range(max_new):
-            bad = guards.nonfinite_row(logits, skip=done)
-            if bad is not None:
-                raise guards.NonFiniteError("NaN/inf logits while generating", row=bad)
-            nxt = logits.argmax(-1)
-            for r, t in enumerate(nxt.tolist()):
-                if done[r]:
-                    continue
-                if t == self.tok.eos_id:
-                    done[r] = True
-                    continue
-                generated[r].append(t)
-                texts[r] = self.tok.decode(generated[r])
-                if any(s in texts[r] for s in stops):
-                    done[r] = True
+        stops = StopStrings([s for s in until if s], self.tok)
+        for block, nonfinite in greedy_blocks(self.model, logits, state, max_new, self._steppers()):
+            for r in range(B):
+                for t, bad in zip(block[r].tolist(), nonfinite[r].tolist()):
+                    if done[r]:
+                        break
+                    if bad:
+                        raise guards.NonFiniteError("NaN/inf logits while generating", row=r)
+                    if t == self.tok.eos_id:
+                        done[r] = True
+                        break
+                    generated[r].append(t)
+                    done[r] = stops.found(generated[r])
             if all(done):
                 break
-            logits, state = self.model.step(nxt, state)
-        return [_cut(t, stops) for t in texts]
+        return [_cut(self.tok.decode(g), stops.stops) for g in generated]
+
+    def _steppers(self) -> StepperCache:
+        """Decode steppers (CUDA graphs on GPUs unless cuda_graphs=false), kept across batches."""
+        if self._stepper_cache is None:
+            self._stepper_cache = StepperCache(self.model, graphs=self._device.type == "cuda" and self.cuda_graphs)
+        return self._stepper_cache
+
+
+class StopStrings:
+    """Whether a generation has produced a stop string, looking only at its last few tokens.
+
+    A stop that appears with the newest token lies within its bytes plus the stop's length before them, and every
+    token holds at least one byte, so decoding the last len(stop bytes) + 1 tokens, plus a few for a character cut
+    at the front, sees it: the check costs the same at every step instead of growing with the text.
+    """
+
+    MARGIN = 4  # a UTF-8 character has at most 4 bytes
+
+    def __init__(self, stops: list[str], tok: Tokenizer) -> None:
+        self.stops, self.tok = stops, tok
+        self.window = max((len(s.encode()) for s in stops), default=0) + 1 + self.MARGIN
+
+    def found(self, generated: list[int]) -> bool:
+        if not self.stops:
+            return False
+        tail = self.tok.decode(generated[-self.window:])
+        return any(s in tail for s in self.stops)
 
 
 def _cut(text: str, stops: list[str]) -> str:

@@ -46,6 +46,16 @@ class State:
                 mine[k].index_copy_(0, idx, theirs[k])
         self.pos.index_copy_(0, idx, other.pos)
 
+    def load_(self, other: "State") -> None:
+        """Copy `other` into rows 0..n-1 and zero the rest, in place (the addresses stay, for CUDA graphs)."""
+        n = other.num_rows
+        for mine, theirs in zip(self.layers, other.layers):
+            for k, t in mine.items():
+                t[:n].copy_(theirs[k])
+                t[n:].zero_()
+        self.pos[:n].copy_(other.pos)
+        self.pos[n:].zero_()
+
     def to(self, device: torch.device | str) -> "State":
         return self._map(lambda t: t.to(device))
 

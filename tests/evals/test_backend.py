@@ -156,3 +156,31 @@ def test_lm_eval_cli_runs_our_task_end_to_end(tmp_path):
     assert results, proc.stdout[-2000:]
     scores = json.loads(results[0].read_text())["results"]["ruler_niah_single_1"]
     assert "256,none" in scores
+
+
+def test_generation_read_back_in_blocks_equals_token_by_token(monkeypatch):
+    """GPUs read tokens back every few steps: tokens past a stop or EOS inside a block must not leak out."""
+    import functools
+
+    import evals.backend as backend
+    from gdn2.generate import greedy_blocks
+
+    gens = [Instance("generate_until", {}, (c or "x", {"until": [".", "e"], "max_gen_toks": 12}), i)
+            for i, (c, _) in enumerate(REQUESTS)]
+    ref = make_lm(batch_size=4).generate_until(gens)
+    monkeypatch.setattr(backend, "greedy_blocks", functools.partial(greedy_blocks, first_block=5))
+    assert make_lm(batch_size=4).generate_until(gens) == ref
+
+
+@pytest.mark.parametrize("text,stop", [("naïve café", "é"), ("one\n\ntwo", "\n\n"), ("x" * 40 + "END", "END"),
+                                        ("日本語のテキスト", "テキ")])
+def test_stop_strings_found_from_the_tail_alone(text, stop):
+    """StopStrings looks only at the last few tokens; it must fire exactly when the whole text first holds the stop."""
+    from evals.backend import StopStrings
+
+    tok = load_tokenizer(TOKENIZER)
+    ids = tok.encode(text)
+    stops = StopStrings([stop], tok)
+    first_full = next(i for i in range(1, len(ids) + 1) if stop in tok.decode(ids[:i]))
+    first_tail = next(i for i in range(1, len(ids) + 1) if stops.found(ids[:i]))
+    assert first_tail == first_full
