@@ -30,6 +30,7 @@ import io
 import json
 import platform
 import random
+import re
 import sys
 import tempfile
 import time
@@ -291,6 +292,18 @@ def anchor_available() -> str | None:
         from lm_eval.models.huggingface import HFLM  # noqa: F401  (needs accelerate)
     except Exception as err:  # ImportError, or a broken install failing at import
         return f"not installed ({type(err).__name__}: {str(err)[:80]})"
+    return None
+
+
+def anchor_generate_warning(transformers: str | None, fla: str | None) -> str | None:
+    """fla 0.6.0 reads the decoding cache from `past_key_values`; transformers 5.24 passes it as `cache`, so each
+    cached step of Hugging Face generate sees only the newest token: the anchor's generations are then wrong."""
+    def parse(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", v)[:2])
+
+    if transformers and fla and parse(fla) <= (0, 6) and parse(transformers) >= (5, 24):
+        return (f"WARNING: fla {fla} with transformers {transformers} decodes wrongly after the first token (cache "
+                "passed as `cache=`): the anchor's generation and decode rows are not valid; use transformers < 5.24")
     return None
 
 
@@ -675,6 +688,8 @@ def run(args: argparse.Namespace) -> Report:
     anchor_why = anchor_available() if args.anchor else "off (--no-anchor)"
     anchor = None if anchor_why else load_anchor(folder, device, dtype, 32)
     report.notes.append(anchor.note if anchor else f"anchor: {anchor_why}")
+    if anchor and (warning := anchor_generate_warning(_version("transformers"), _version("fla"))):
+        report.notes.append(warning)
     log(f"anchor: {anchor_why or 'loaded'}")
     if "decode" in sections:  # before the mixes: the shortest section, kept if a time limit stops the run
         bench_decode(report, ours, anchor, _csv_ints(args.decode_batches), prompt, args.decode_steps, device, bw, log)

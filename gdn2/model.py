@@ -67,6 +67,8 @@ class GPT(nn.Module):
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "GPT":
         """A random initialisation for tests, demos and benchmarks (not the official recipe)."""
         gen = torch.Generator().manual_seed(seed)
+        # every RMSNorm gain starts at 1 (ln_f included: a 0.02 gain there flattens every next-token distribution)
+        norms = {f"{m}.weight" for m, mod in self.named_modules() if isinstance(mod, RMSNorm)}
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if leaf == "A_log":
@@ -74,7 +76,7 @@ class GPT(nn.Module):
             elif leaf == "dt_bias":
                 dt = torch.exp(torch.empty(p.shape).uniform_(-6.9, -2.3, generator=gen))  # dt in [1e-3, 0.1]
                 val = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
-            elif "norm" in name:
+            elif name in norms:
                 val = torch.ones(p.shape)
             elif p.dim() == 3:  # short conv
                 val = torch.randn(p.shape, generator=gen) * 0.3

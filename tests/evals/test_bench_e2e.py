@@ -148,3 +148,9 @@ def test_render_marks_targets_on_gpu_shaped_rows():
     assert row("64").rstrip(" |").endswith("MISSED") and "capture failed" in row("64")
     long_rows = [ln for ln in lines if re.match(r"\|\s+131072 \|", ln)]
     assert [ln.rstrip(" |").split()[-1] for ln in long_rows] == ["met", "MISSED", "met"]
+
+
+def test_anchor_generate_warning_names_the_broken_transformers_versions():
+    assert bench_e2e.anchor_generate_warning("5.17.0", "0.6.0") is None
+    assert "transformers < 5.24" in bench_e2e.anchor_generate_warning("5.24.0", "0.6.0")
+    assert bench_e2e.anchor_generate_warning("5.24.0", None) is None

@@ -132,3 +132,14 @@ def test_official_fixtures_load_by_their_own_key_names(name, shared_dir):
     logits = model(ref["tokens"])
     assert logits.dtype == torch.float32
     assert rel_err(logits, ref["logits_exact_recurrence"]) < 1e-4
+
+
+def test_random_init_starts_every_norm_gain_at_one():
+    """A small final-norm gain would make every next-token distribution nearly flat (fragile argmax in benches)."""
+    from gdn2.layers import RMSNorm
+
+    m = GPT(Config.from_name("tiny_hybrid")).init_weights(seed=0)
+    norms = [mod for mod in m.modules() if isinstance(mod, RMSNorm)]
+    assert m.transformer.ln_f in norms and all(bool((n.weight == 1).all()) for n in norms)
+    logits = m(torch.randint(0, 512, (1, 16)))
+    assert float(logits.std()) > 0.1  # not a flat distribution
