@@ -204,11 +204,11 @@ class GDN2LM(TemplateLM):
         return batches
 
     def _ragged(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = torch.tensor([len(s) for s in seqs], device=self._device)
-        tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=self._device)
-        for r, s in enumerate(seqs):
-            tokens[r, : len(s)] = torch.tensor(s, dtype=torch.long, device=self._device)
-        return tokens, lengths
+        """Right-padded token rows and their lengths, built on the host and copied to the device at once."""
+        width = max(len(s) for s in seqs)
+        tokens = torch.tensor([s + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
+        lengths = torch.tensor([len(s) for s in seqs])
+        return tokens.to(self._device), lengths.to(self._device)
 
     # ---- out of memory ------------------------------------------------------------------------------------------
     def _guarded(self, run: Callable[[list[int]], list], batch: list[int]) -> list:
@@ -253,32 +253,34 @@ class GDN2LM(TemplateLM):
         return results
 
     def _score_batch(self, ctxs, members, requests) -> list[tuple[float, bool]]:
-        """Prefill each context once, repeat its state per continuation, score every continuation."""
+        """Prefill each context once, repeat its state per continuation, score every continuation.
+
+        Continuation j's first token is predicted by its context's last logits, the rest by feeding its tokens
+        but the last from the context's state; log-probabilities and greedy checks of all continuations are
+        gathered on the device at once and read back with one copy.
+        """
         tokens, lengths = self._ragged(ctxs)
         last, state = self.model.prefill(tokens, lengths=lengths, logits="last")
         conts = [requests[i][2] for m in members for i in m]
         rows = torch.tensor([r for r, m in enumerate(members) for _ in m], device=self._device)
-        first_logp = F.log_softmax(last.float(), -1)[rows]  # the first continuation token, from the context
-        tails = [c[:-1] for c in conts]  # tokens fed after the context
-        tail_rows = [j for j, t in enumerate(tails) if t]
-        cont_logp = {}
-        if tail_rows:
-            sub = state.select(rows[tail_rows])
-            t_tok, t_len = self._ragged([tails[j] for j in tail_rows])
-            logits, _ = self.model.prefill(t_tok, sub, lengths=t_len)
-            logp = F.log_softmax(logits.float(), -1)
-            for r, j in enumerate(tail_rows):
-                cont_logp[j] = logp[r, : len(tails[j])]
-        out = []
-        for j, cont in enumerate(conts):
-            lp = first_logp[j : j + 1]
-            if j in cont_logp:
-                lp = torch.cat([lp, cont_logp[j]])
-            target = torch.tensor(cont, device=self._device)
-            ll = lp.gather(-1, target[:, None]).sum().item()
-            greedy = bool((lp.argmax(-1) == target).all())
-            out.append((ll, greedy))
-        return out
+        targets, cont_len = self._ragged(conts)  # [N, L] continuation tokens, right-padded
+        first = F.log_softmax(last.float(), -1)[rows]  # [N, V]
+        tok_ll = first.gather(-1, targets[:, :1])  # [N, L]: log-prob of every continuation token, 0 past the end
+        greedy = first.argmax(-1) == targets[:, 0]
+        tail_rows = torch.tensor([j for j, c in enumerate(conts) if len(c) > 1], device=self._device)
+        if len(tail_rows):
+            t_tok, t_len = targets[tail_rows, :-1], cont_len[tail_rows] - 1  # fed after the context
+            logits, _ = self.model.prefill(t_tok, state.select(rows[tail_rows]), lengths=t_len)
+            logp = F.log_softmax(logits.float(), -1)  # position p predicts continuation token p + 1
+            want = targets[tail_rows, 1:]
+            valid = torch.arange(want.shape[1], device=self._device)[None, :] < t_len[:, None]
+            tail_ll = torch.zeros(len(conts), want.shape[1], device=self._device)
+            tail_ll[tail_rows] = logp.gather(-1, want[..., None])[..., 0].masked_fill(~valid, 0.0)
+            tok_ll = torch.cat([tok_ll, tail_ll], dim=1)
+            greedy = greedy.index_put((tail_rows,), greedy[tail_rows] & ((logp.argmax(-1) == want) | ~valid).all(1))
+        # each score sums exactly its own tokens in fp32 (the padded width of the batch never enters the sum)
+        sums = [torch.tensor(lps[: len(c)], dtype=torch.float32).sum().item() for lps, c in zip(tok_ll.tolist(), conts)]
+        return list(zip(sums, greedy.tolist()))
 
     # ---- loglikelihood_rolling --------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
