@@ -322,6 +322,11 @@ def _state_pass_kernel(
         tl.store(ht + s_off, S, mask=s_mask)
 
 
+# The layers of one forward pass share one cu_seqlens tensor: its layout is read back from the device once, not
+# once per layer (each read-back stalls the host until the GPU has caught up). Holds (key, tensor, layout).
+_LAST_LAYOUT: list = [None]
+
+
 def _chunk_layout(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> tuple[int, torch.Tensor | None,
                                                                                     torch.Tensor | None]:
     """Number of chunks and, for packed sequences, (sequence, chunk) per chunk and each sequence's first chunk."""
@@ -329,9 +334,20 @@ def _chunk_layout(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> tu
         return triton.cdiv(T, CHUNK), None, None
     if B != 1:
         raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B={B}")
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()  # one host sync per prefill, none per token
-    if any(L < 0 for L in lengths) or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
-        raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu_seqlens.tolist()}")
+    key = (cu_seqlens._version, T, str(device))
+    last = _LAST_LAYOUT[0]
+    if last is not None and last[1] is cu_seqlens and last[0] == key:
+        return last[2]
+    layout = _compute_layout(cu_seqlens, T, device)
+    _LAST_LAYOUT[0] = (key, cu_seqlens, layout)
+    return layout
+
+
+def _compute_layout(cu_seqlens: torch.Tensor, T: int, device) -> tuple[int, torch.Tensor, torch.Tensor]:
+    cu = cu_seqlens.tolist()  # one host sync per forward pass, none per token
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    if any(L < 0 for L in lengths) or cu[0] != 0 or cu[-1] != T:
+        raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu}")
     counts = [triton.cdiv(L, CHUNK) for L in lengths]
     offsets = [0]
     pairs = []

@@ -228,3 +228,23 @@ def test_dispatcher_step_uses_triton():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_chunk_layout_is_read_back_once_per_cu_seqlens_tensor(monkeypatch):
+    """The layers of a forward share cu_seqlens: the layout must be computed once, and again when it changes."""
+    calls = []
+    real = chunk_mod._compute_layout
+    monkeypatch.setattr(chunk_mod, "_compute_layout", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(chunk_mod, "_LAST_LAYOUT", [None])
+    cu = torch.tensor([0, 70, 75, 200])
+    first = chunk_mod._chunk_layout(cu, 1, 200, "cpu")
+    for _ in range(3):
+        assert chunk_mod._chunk_layout(cu, 1, 200, "cpu") is first
+    assert len(calls) == 1 and first[0] == 2 + 1 + 2
+    cu[1] = 64  # changed in place: recomputed
+    assert chunk_mod._chunk_layout(cu, 1, 200, "cpu")[0] == 1 + 1 + 2 and len(calls) == 2
+    other = torch.tensor([0, 70, 75, 200])  # equal values, another tensor: recomputed (never trusted by value)
+    chunk_mod._chunk_layout(other, 1, 200, "cpu")
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+        chunk_mod._chunk_layout(torch.tensor([0, 5, 3]), 1, 3, "cpu")
