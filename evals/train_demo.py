@@ -12,7 +12,8 @@ Recipe (the same for the three families; only the mixer's gate parameterisation 
   - each sequence also asks about up to three other needles of its haystack (more answers per sequence).
   - optimiser: AdamW (betas 0.9/0.95, wd 0.1), 50 warm-up steps, cosine to 10% of the peak lr.
   - the shipped checkpoints had three stages, recorded in each config.json under recipe.stages:
-      1. on one H200: lr 5e-3, batch 64, lengths 128-640, 250 s per model (about 805 steps);
+      1. on one H200: lr 5e-3, batch 64, lengths 128-640, 250 s per model (about 805 steps), from
+         GPT.init_weights as it was then (the final norm's gain drawn at std 0.02; it now starts at 1);
       2. on a 2-core CPU from stage 1: lr 2e-3, batch 16, lengths 128-256, 330 steps
          (`--init gdn2/demo --device cpu --lengths 128,160,192,256 --batch-size 16 --lr 2e-3 --steps 330`);
       3. on one H200 from stage 2, the three families as parallel processes: lr 3e-3, batch 128,
