@@ -2,7 +2,6 @@
 
     run_batch(run, batch, on_shrink)   run(batch); on GPU out-of-memory split the batch in halves and retry
     require_finite(value, what)        raise NonFiniteError naming the request when a score is NaN or inf
-    nonfinite_row(logits)              first row of a [rows, ...] tensor holding NaN/inf, or None
     hf_offline(hub, datasets)          HF_HUB_OFFLINE / HF_DATASETS_OFFLINE for what a run does not need online
     guard_yaml_functions(roots)        task YAML `!function` may only load code inside the task folders
 """
@@ -74,14 +73,6 @@ def require_finite(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise NonFiniteError(nonfinite_message(value, what))
     return value
-
-
-def nonfinite_row(logits: torch.Tensor, skip: Sequence[bool] | None = None) -> int | None:
-    """Index of the first row (dim 0) of `logits` with a NaN or inf entry, or None; rows with skip[r] are ignored."""
-    bad = ~torch.isfinite(logits.reshape(logits.shape[0], -1)).all(-1)
-    if skip is not None:
-        bad &= ~torch.tensor(list(skip), dtype=torch.bool, device=bad.device)
-    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
 def describe_request(request: Any, index: int) -> str:

@@ -44,17 +44,20 @@ class Stepper:
 
     def _step(self) -> None:
         logits, _ = self.model.step(self.tokens, self.state)
-        self.nonfinite.copy_(~torch.isfinite(logits).all(-1))
-        self.tokens.copy_(logits.argmax(-1))
+        self._choose(logits)
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        """The greedy token of each of the first len(logits) rows, and whether its logits held NaN/inf."""
+        n = logits.shape[0]
+        self.nonfinite[:n] = ~torch.isfinite(logits).all(-1)
+        self.tokens[:n] = logits.argmax(-1)
 
     def load(self, state: State, logits: torch.Tensor) -> None:
         """Start from `state` (its rows first, zeros after) with the tokens chosen from `logits` [n, V]."""
-        n = state.num_rows
         self.state.load_(state)
         self.tokens.zero_()
-        self.tokens[:n] = logits.argmax(-1)
         self.nonfinite.zero_()
-        self.nonfinite[:n] = ~torch.isfinite(logits).all(-1)
+        self._choose(logits)
 
     def advance(self) -> None:
         """Feed the current tokens; `tokens` and `nonfinite` then hold the next ones."""
@@ -86,9 +89,6 @@ class StepperCache:
                 self.graphs = False
                 return self.get(rows)
         return self._steppers[padded]
-
-    def clear(self) -> None:
-        self._steppers.clear()
 
 
 def greedy_blocks(
