@@ -327,11 +327,13 @@ def load_anchor(folder: Path, device: str, dtype: torch.dtype, batch_size: int) 
     return Harness("anchor", lm, model, f"lm-eval hf (HFLM) on fla KDAForCausalLM, batch {batch_size}")
 
 
-def run_requests(h: Harness, mix: Mix, requests: list, device: str) -> tuple[list, float, float | None]:
+def run_requests(h: Harness, mix: Mix, requests: list, device: str,
+                 profile: Path | None = None) -> tuple[list, float, float | None]:
     """(outputs, seconds, peak GiB) of one harness on a mix, timed on a second pass over the same requests.
 
     The untimed first pass compiles and autotunes every kernel shape the mix needs (fla tunes per shape), as the
     recorded anchor's warm rerun did; the cost of that first pass is reported separately (warm-up seconds).
+    With `profile`, a third pass runs under torch.profiler and its busiest operators are written there.
     """
     call = h.lm.loglikelihood if mix.kind == "loglikelihood" else h.lm.generate_until
     if hasattr(h.lm, "batch_size_per_gpu"):  # HFLM: one fixed batch per mix, as the recorded anchor ran
@@ -346,7 +348,30 @@ def run_requests(h: Harness, mix: Mix, requests: list, device: str) -> tuple[lis
     t0 = time.perf_counter()
     out = call(requests, disable_tqdm=True)
     _sync(device)
-    return out, time.perf_counter() - t0, _peak(device)
+    seconds, peak = time.perf_counter() - t0, _peak(device)
+    if profile is not None:
+        write_profile(lambda: call(requests, disable_tqdm=True), device, profile)
+    return out, seconds, peak
+
+
+def write_profile(fn: Callable[[], Any], device: str, path: Path) -> None:
+    """Run fn under torch.profiler; write wall time, summed device time and the top operators to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(device)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6 if len(acts) > 1 else float("nan")
+    sort = "self_device_time_total" if len(acts) > 1 else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"wall {wall:.3f}s (profiled)  device busy {busy:.3f}s  kernels launched "
+                    f"{sum(e.count for e in events if 'CUDA' in str(getattr(e, 'device_type', '')))}\n"
+                    + events.table(sort_by=sort, row_limit=45, max_name_column_width=70) + "\n")
 
 
 def compare_loglikelihoods(mix: Mix, ours: list, anchor: list, requests: list) -> dict:
@@ -384,14 +409,15 @@ class Report:
 
 def bench_mixes(report: Report, ours: Harness, anchor: Harness | None, anchor_why: str | None, words: list[str],
                 counts: dict[str, int], length_scale: float, gen_cap: int | None, device: str,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None], profile_dir: str | None = None) -> None:
     for name, docs in counts.items():
         if docs <= 0:
             continue
         mix = MIXES[name]
         requests = make_requests(mix, words, docs, length_scale, gen_cap=gen_cap)
         row: dict[str, Any] = dict(mix=name, kind=mix.kind, docs=docs, requests=len(requests), about=mix.about)
-        out_ours, dt, peak = run_requests(ours, mix, requests, device)
+        prof = Path(profile_dir) / f"profile-{name}.txt" if profile_dir else None
+        out_ours, dt, peak = run_requests(ours, mix, requests, device, prof)
         row.update(ours_s=dt, ours_req_s=len(requests) / dt, ours_peak_GiB=peak, ours_warmup_s=ours.warmup_s)
         log(f"{name}: ours {len(requests)} requests in {dt:.2f}s")
         if anchor is None:
@@ -695,7 +721,8 @@ def run(args: argparse.Namespace) -> Report:
         bench_decode(report, ours, anchor, _csv_ints(args.decode_batches), prompt, args.decode_steps, device, bw, log)
     if "mixes" in sections:
         words = word_list(ours.model.config.vocab_size - len(SPECIALS))
-        bench_mixes(report, ours, anchor, anchor_why, words, counts, args.length_scale, args.gen_cap, device, log)
+        bench_mixes(report, ours, anchor, anchor_why, words, counts, args.length_scale, args.gen_cap, device, log,
+                    args.profile)
     log(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     print(render(report))
     return report
@@ -724,6 +751,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-chunks", default="4096,16384", help="prefill chunks the long section runs at")
     p.add_argument("--workdir", help="where the fla folder is written (default: a new temporary folder)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", metavar="DIR", help="also profile one more pass of ours per mix (torch.profiler); "
+                   "the busiest operators go to DIR/profile-MIX.txt")
     p.add_argument("--render", metavar="REPORT.json", help="print (and with --out, rewrite) a saved report's tables "
                    "instead of measuring")
 

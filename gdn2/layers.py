@@ -25,9 +25,62 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        if kernels:
+            return layer_kernels().rms_norm(x, self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
+def layer_kernels():
+    """The Triton layer kernels (imported on first use: triton is optional)."""
+    from gdn2 import layer_kernels as mod
+
+    return mod
+
+
+class Stacked:
+    """Parameters of several layers as row blocks of one tensor, so that one kernel serves them all (the input
+    projections that read the same x become one matmul).
+
+    The first use without autograd rebases the parameters onto views of one stacked tensor: names, shapes and
+    values stay, no memory is added. If they move later (model.to, a replaced parameter) that is noticed and they
+    are stacked again. With autograd on, the stack is a differentiable torch.cat.
+    """
+
+    def __init__(self, owner: nn.Module, names: list[str]):
+        self.owner, self.names = owner, names
+        self._stack: torch.Tensor | None = None
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.owner.get_parameter(n) for n in self.names]
+
+    def sizes(self) -> list[int]:
+        return [p.shape[0] for p in self.params()]
+
+    def get(self) -> torch.Tensor:
+        ps = self.params()
+        if torch.is_grad_enabled():
+            return torch.cat(ps)
+        W = self._stack
+        if W is None or not self._views_of(W, ps):
+            W = torch.cat([p.detach() for p in ps])
+            offset = 0
+            for p in ps:
+                p.data = W[offset: offset + p.shape[0]].view(p.shape)
+                offset += p.shape[0]
+            self._stack = W
+        return W
+
+    @staticmethod
+    def _views_of(W: torch.Tensor, ps: list[torch.Tensor]) -> bool:
+        row = W[0].numel() * W.element_size()
+        offset = 0
+        for p in ps:
+            if p.dtype != W.dtype or p.device != W.device or p.data_ptr() != W.data_ptr() + offset * row:
+                return False
+            offset += p.shape[0]
+        return offset == W.shape[0]
 
 
 class SwiGLU(nn.Module):
@@ -36,9 +89,14 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(d, hidden, bias=False)  # gate (SiLU)
         self.w2 = nn.Linear(d, hidden, bias=False)  # up
         self.w3 = nn.Linear(hidden, d, bias=False)  # down
+        self.w12 = Stacked(self, ["w1.weight", "w2.weight"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        h = F.linear(x, self.w12.get())
+        if kernels:
+            return self.w3(layer_kernels().swiglu(h.view(-1, h.shape[-1])).view(*h.shape[:-1], -1))
+        a, u = h.chunk(2, dim=-1)
+        return self.w3(F.silu(a) * u)
 
 
 class LLaMAMLP(nn.Module):
@@ -46,40 +104,61 @@ class LLaMAMLP(nn.Module):
         super().__init__()
         self.swiglu = SwiGLU(config.n_embd, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.swiglu(x)
+    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        return self.swiglu(x, kernels)
 
 
 class ShortConv(nn.Module):
-    """Depthwise causal convolution (width W) + SiLU: y[t] = silu(sum_j weight[:, 0, j] * x[t - W + 1 + j])."""
+    """Weights [C, 1, W] of a depthwise causal convolution + SiLU:
+    y[t] = silu(sum_j weight[:, 0, j] * x[t - W + 1 + j]). The mixer runs q, k and v's as one (short_conv)."""
 
     def __init__(self, channels: int, width: int = 4):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(channels, 1, width))
 
-    def forward(self, x: torch.Tensor, tail: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [total, C] packed; tail [N, W-1, C] the inputs before each sequence. Returns (y, new tail)."""
-        W = self.weight.shape[-1]
-        N, total = tail.shape[0], x.shape[0]
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        seq = torch.repeat_interleave(torch.arange(N, device=x.device), lengths, output_size=total)
-        # Lay each sequence out after its own tail in one buffer, then read W consecutive rows per token.
-        start = cu_seqlens[:-1] + torch.arange(N, device=x.device) * (W - 1)
-        ext = x.new_empty(total + N * (W - 1), x.shape[1])
-        tail_rows = start[:, None] + torch.arange(W - 1, device=x.device)
-        ext[tail_rows.reshape(-1)] = tail.reshape(-1, x.shape[1]).to(x.dtype)
-        local = torch.arange(total, device=x.device) - cu_seqlens[:-1][seq]
-        ext[start[seq] + local + (W - 1)] = x
-        window = ext[(start[seq] + local)[:, None] + torch.arange(W, device=x.device)]  # [total, W, C]
-        y = F.silu((window * self.weight[:, 0, :].t().to(x.dtype)).sum(1))
-        new_tail = ext[(start + lengths)[:, None] + torch.arange(W - 1, device=x.device)]
-        return y, new_tail.to(tail.dtype)
 
-    def step(self, x: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-        """x [B, C] one token per row; updates tail [B, W-1, C] in place."""
-        window = torch.cat([tail.to(x.dtype), x[:, None]], dim=1)
-        tail.copy_(window[:, 1:])
-        return F.silu((window * self.weight[:, 0, :].t().to(x.dtype)).sum(1))
+def short_conv(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor,
+               kernels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [total, C] packed; tail [N, W-1, C] the inputs before each sequence; weight [C, 1, W].
+    Returns (y, new tail)."""
+    W = weight.shape[-1]
+    N, total = tail.shape[0], x.shape[0]
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    seq = torch.repeat_interleave(torch.arange(N, device=x.device), lengths, output_size=total)
+    if kernels:
+        y = layer_kernels().short_conv(x, tail, weight.view(-1, W), seq.int(), cu_seqlens)
+        return y, last_inputs(x, tail, cu_seqlens)
+    # Lay each sequence out after its own tail in one buffer, then read W consecutive rows per token.
+    start = cu_seqlens[:-1] + torch.arange(N, device=x.device) * (W - 1)
+    ext = x.new_empty(total + N * (W - 1), x.shape[1])
+    tail_rows = start[:, None] + torch.arange(W - 1, device=x.device)
+    ext[tail_rows.reshape(-1)] = tail.reshape(-1, x.shape[1]).to(x.dtype)
+    local = torch.arange(total, device=x.device) - cu_seqlens[:-1][seq]
+    ext[start[seq] + local + (W - 1)] = x
+    window = ext[(start[seq] + local)[:, None] + torch.arange(W, device=x.device)]  # [total, W, C]
+    y = F.silu((window * weight[:, 0, :].t().to(x.dtype)).sum(1))
+    new_tail = ext[(start + lengths)[:, None] + torch.arange(W - 1, device=x.device)]
+    return y, new_tail.to(tail.dtype)
+
+
+def last_inputs(x: torch.Tensor, tail: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The last W-1 conv inputs of every sequence [N, W-1, C]: its own tokens, reaching back into its tail."""
+    Wm1 = tail.shape[1]
+    start, end = cu_seqlens[:-1], cu_seqlens[1:]
+    idx = end[:, None] - Wm1 + torch.arange(Wm1, device=x.device)  # [N, W-1] packed positions wanted
+    inside = idx >= start[:, None]
+    from_x = x[idx.clamp(min=0)]
+    from_tail = tail.gather(1, (Wm1 + idx - start[:, None]).clamp(0, Wm1 - 1)[..., None].expand(-1, -1, x.shape[1]))
+    return torch.where(inside[..., None], from_x.to(tail.dtype), from_tail)
+
+
+def short_conv_step(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+    """x [B, C] one token per row; updates tail [B, W-1, C] in place; weight [C, 1, W]."""
+    if kernels:
+        return layer_kernels().short_conv_step(x, tail, weight.view(weight.shape[0], -1))
+    window = torch.cat([tail.to(x.dtype), x[:, None]], dim=1)
+    tail.copy_(window[:, 1:])
+    return F.silu((window * weight[:, 0, :].t().to(x.dtype)).sum(1))
 
 
 def apply_gate_mode(b: torch.Tensor, w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,74 +216,98 @@ class GatedDeltaNet2(nn.Module):
         self.o_norm = RMSNorm(V, eps=c.norm_eps)
         self.o_proj = nn.Linear(HV * V, d, bias=False)
 
+        # Everything that reads the layer input x is one matmul; q, k and v are one convolution.
+        first = {"channel": "f_proj.0", "scalar": "a_proj"}[c.decay]
+        gate_in = {"lowrank": ["g_proj.0"], "full": ["g_proj"], "none": []}[c.out_gate]
+        self.in_names = ["q_proj", "k_proj", "v_proj", first, "b_proj"] + (["w_proj"] * (c.beta == "channel")) + gate_in
+        self.in_proj = Stacked(self, [f"{n}.weight" for n in self.in_names])
+        self.conv = Stacked(self, [f"{n}_conv1d.weight" for n in "qkv"])
+
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         W = self.config.conv_size
         return {"S": (self.HV, self.K, self.V), "conv": (W - 1, 2 * self.H * self.K + self.HV * self.V)}
 
-    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Log-decay g [.., HD, K] fp32, erase b [.., H|HV, K], write w [.., HV, V] from the normed input."""
+    def _project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every input projection of x [rows, d], as column slices of one matmul's output."""
+        y = F.linear(x, self.in_proj.get())
+        parts = dict(zip(self.in_names, y.split(self.in_proj.sizes(), dim=-1)))
+        parts["qkv"] = y[..., : 2 * self.H * self.K + self.HV * self.V]  # q, k, v side by side: the conv's input
+        return parts
+
+    def _qkv(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        KD = self.H * self.K
+        return (conv_out[:, :KD].unflatten(-1, (self.H, self.K)), conv_out[:, KD:2 * KD].unflatten(-1, (self.H, self.K)),
+                conv_out[:, 2 * KD:].unflatten(-1, (self.HV, self.V)))
+
+    def _gates(self, p: dict[str, torch.Tensor], kernels: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-decay g [rows, HD, K] fp32, erase b [rows, H|HV, K], write w [rows, HV, V] from the projections."""
         c, K, V, HV = self.config, self.K, self.V, self.HV
         HD = c.num_decay_heads
-        if c.decay == "channel":
-            pre = self.f_proj(x).float().unflatten(-1, (HD, K)) + self.dt_bias.float().view(HD, K)
+        f = self.f_proj[1](p["f_proj.0"]) if c.decay == "channel" else p["a_proj"]
+        w_raw = p["w_proj"] if c.beta == "channel" else None
+        if kernels:
+            g, b, w = layer_kernels().gdn2_gates(
+                f, p["b_proj"], w_raw, self.A_log, self.dt_bias, (HD, self.H if c.beta == "channel" else HV, HV),
+                K, V, c.allow_neg_eigval)
         else:
-            pre = (self.a_proj(x).float() + self.dt_bias.float())[..., None].expand(*x.shape[:-1], HD, K)
-        g = -self.A_log.float().exp()[:, None] * F.softplus(pre)
-        if c.beta == "channel":
-            b = torch.sigmoid(self.b_proj(x)).unflatten(-1, (self.H, K))
-            w = torch.sigmoid(self.w_proj(x)).unflatten(-1, (HV, V))
-            if c.allow_neg_eigval:
-                b = 2 * b
-        else:
-            beta = torch.sigmoid(self.b_proj(x))
-            if c.allow_neg_eigval:
-                beta = 2 * beta
-            b = beta[..., None].expand(*beta.shape, K)
-            w = beta[..., None].expand(*beta.shape, V)
+            if c.decay == "channel":
+                pre = f.float().unflatten(-1, (HD, K)) + self.dt_bias.float().view(HD, K)
+            else:
+                pre = (f.float() + self.dt_bias.float())[..., None].expand(*f.shape[:-1], HD, K)
+            g = -self.A_log.float().exp()[:, None] * F.softplus(pre)
+            if c.beta == "channel":
+                b = torch.sigmoid(p["b_proj"]).unflatten(-1, (self.H, K))
+                w = torch.sigmoid(w_raw).unflatten(-1, (HV, V))
+                if c.allow_neg_eigval:
+                    b = 2 * b
+            else:
+                beta = torch.sigmoid(p["b_proj"])
+                if c.allow_neg_eigval:
+                    beta = 2 * beta
+                b = beta[..., None].expand(*beta.shape, K)
+                w = beta[..., None].expand(*beta.shape, V)
         if c.gate_mode != "full":
             b, w = apply_gate_mode(expand_heads(b, HV, dim=-2), w, c.gate_mode)
         return g, b.contiguous(), w.contiguous()
 
-    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Per-head RMSNorm, times the activated output gate, then o_proj. o [.., HV, V]."""
-        o = self.o_norm(o)
-        if self.config.out_gate != "none":
-            gate = self.g_proj(x).unflatten(-1, (self.HV, self.V)).float()
-            act = gate * torch.sigmoid(gate) if self.config.gate_act == "swish" else torch.sigmoid(gate)
-            o = (o.float() * act).to(x.dtype)
+    def _output(self, o: torch.Tensor, p: dict[str, torch.Tensor], kernels: bool) -> torch.Tensor:
+        """Per-head RMSNorm, times the activated output gate, then o_proj. o [rows, HV, V]."""
+        c = self.config
+        if c.out_gate == "none":
+            return self.o_proj(self.o_norm(o, kernels).flatten(-2))
+        gate = self.g_proj[1](p["g_proj.0"]) if c.out_gate == "lowrank" else p["g_proj"]
+        if kernels:
+            o = layer_kernels().gated_rms_norm(o, gate, self.o_norm.weight, self.o_norm.eps, c.gate_act == "swish")
+        else:
+            gate = gate.unflatten(-1, (self.HV, self.V)).float()
+            act = gate * torch.sigmoid(gate) if c.gate_act == "swish" else torch.sigmoid(gate)
+            o = (self.o_norm(o).float() * act).to(o.dtype)
         return self.o_proj(o.flatten(-2))
 
     def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], cu_seqlens: torch.Tensor,
                 backend: str = "auto") -> torch.Tensor:
         """x [total, d] packed; updates state["S"] and state["conv"] to the end of every sequence."""
-        KD = self.H * self.K
-        tails = state["conv"]
-        q, tq = self.q_conv1d(self.q_proj(x), tails[..., :KD], cu_seqlens)
-        k, tk = self.k_conv1d(self.k_proj(x), tails[..., KD:2 * KD], cu_seqlens)
-        v, tv = self.v_conv1d(self.v_proj(x), tails[..., 2 * KD:], cu_seqlens)
-        state["conv"] = torch.cat([tq, tk, tv], dim=-1)
-        g, b, w = self._gates(x)
+        kernels = backend == "triton"
+        p = self._project(x)
+        mixed, state["conv"] = short_conv(p["qkv"], state["conv"], self.conv.get(), cu_seqlens, kernels)
+        q, k, v = self._qkv(mixed)
+        g, b, w = self._gates(p, kernels)
         o, state["S"] = gated_delta_rule2(
-            q.unflatten(-1, (self.H, self.K))[None], k.unflatten(-1, (self.H, self.K))[None],
-            v.unflatten(-1, (self.HV, self.V))[None], g[None], b[None], w[None],
+            q[None], k[None], v[None], g[None], b[None], w[None],
             initial_state=state["S"], output_final_state=True, cu_seqlens=cu_seqlens,
             use_qk_l2norm=True, backend=backend,
         )
-        return self._output(o[0], x)
+        return self._output(o[0], p, kernels)
 
     def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], backend: str = "auto") -> torch.Tensor:
         """x [B, d], one token per row; updates the state in place."""
-        KD = self.H * self.K
-        tails = state["conv"]  # each conv writes its own slice of the tails in place
-        q = self.q_conv1d.step(self.q_proj(x), tails[..., :KD])
-        k = self.k_conv1d.step(self.k_proj(x), tails[..., KD:2 * KD])
-        v = self.v_conv1d.step(self.v_proj(x), tails[..., 2 * KD:])
-        g, b, w = self._gates(x)
-        o = gated_delta_rule2_step(
-            q.unflatten(-1, (self.H, self.K)), k.unflatten(-1, (self.H, self.K)),
-            v.unflatten(-1, (self.HV, self.V)), g, b, w, state["S"], use_qk_l2norm=True, backend=backend,
-        )
-        return self._output(o, x)
+        kernels = backend == "triton"
+        p = self._project(x)
+        mixed = short_conv_step(p["qkv"], state["conv"], self.conv.get(), kernels)
+        q, k, v = self._qkv(mixed)
+        g, b, w = self._gates(p, kernels)
+        o = gated_delta_rule2_step(q, k, v, g, b, w, state["S"], use_qk_l2norm=True, backend=backend)
+        return self._output(o, p, kernels)
 
 
 def rotate(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:

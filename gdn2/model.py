@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from gdn2.config import Config
 from gdn2.layers import CausalSelfAttention, GatedDeltaNet2, LLaMAMLP, RMSNorm
+from gdn2.ops import resolve_backend
 from gdn2.state import State
 
 
@@ -30,14 +31,16 @@ class Block(nn.Module):
         self.mlp = LLaMAMLP(config)
 
     def forward(self, x, state, cu_seqlens, pos0, backend):
-        h = self.norm_1(x)
+        kernels = backend == "triton"  # Triton kernels for the layers around the recurrence too
+        h = self.norm_1(x, kernels)
         x = x + (self.attn(h, state, cu_seqlens, backend) if self.is_gdn2 else self.attn(h, state, cu_seqlens, pos0))
-        return x + self.mlp(self.norm_2(x))
+        return x + self.mlp(self.norm_2(x, kernels), kernels)
 
     def step(self, x, state, pos, backend):
-        h = self.norm_1(x)
+        kernels = backend == "triton"
+        h = self.norm_1(x, kernels)
         x = x + (self.attn.step(h, state, backend) if self.is_gdn2 else self.attn.step(h, state, pos))
-        return x + self.mlp(self.norm_2(x))
+        return x + self.mlp(self.norm_2(x, kernels), kernels)
 
 
 class GPT(nn.Module):
@@ -104,10 +107,11 @@ class GPT(nn.Module):
         """tokens [total] packed; advances `state` in place; returns final hidden states [total, d]."""
         x = self.transformer.wte(tokens)
         pos0 = state.pos.clone()
+        backend = resolve_backend(self.backend, x.device)
         for block, layer_state in zip(self.transformer.h, state.layers):
-            x = block(x, layer_state, cu_seqlens, pos0, self.backend)
+            x = block(x, layer_state, cu_seqlens, pos0, backend)
         state.pos += cu_seqlens[1:] - cu_seqlens[:-1]
-        return self.transformer.ln_f(x)
+        return self.transformer.ln_f(x, backend == "triton")
 
     @torch.no_grad()
     def prefill(
@@ -161,10 +165,11 @@ class GPT(nn.Module):
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One token per row (tokens [B]); updates `state` in place and returns logits [B, V] (fp32)."""
         x = self.transformer.wte(tokens)
+        backend = resolve_backend(self.backend, x.device)
         for block, layer_state in zip(self.transformer.h, state.layers):
-            x = block.step(x, layer_state, state.pos, self.backend)
+            x = block.step(x, layer_state, state.pos, backend)
         state.pos += 1
-        logits = self.lm_head(self.transformer.ln_f(x))
+        logits = self.lm_head(self.transformer.ln_f(x, backend == "triton"))
         return logits.to(torch.promote_types(torch.float32, logits.dtype)), state
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ __all__ = ["fused_recurrent_step_triton"]
 @triton.jit
 def _decode_step_kernel(
     q, k, v, g, b, w, S, o, scale,
-    H, HV, HG, HB,
+    H, HV, HG, HB, sq, sk, sv,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_L2NORM: tl.constexpr,
 ):
     i_v = tl.program_id(0)
@@ -40,11 +40,11 @@ def _decode_step_kernel(
     s_off = (i_bh * DK + ck)[:, None] * DV + cv[None, :]
     s_mask = mk[:, None] & mv[None, :]
     state = tl.load(S + s_off, mask=s_mask, other=0.0)  # issued first: it is the only large read
-    kk = tl.load(k + (i_b * H + hk) * DK + ck, mask=mk, other=0.0).to(tl.float32)
-    qq = tl.load(q + (i_b * H + hk) * DK + ck, mask=mk, other=0.0).to(tl.float32)
+    kk = tl.load(k + i_b * sk + hk * DK + ck, mask=mk, other=0.0).to(tl.float32)
+    qq = tl.load(q + i_b * sq + hk * DK + ck, mask=mk, other=0.0).to(tl.float32)
     gg = tl.load(g + (i_b * HG + hg) * DK + ck, mask=mk, other=0.0).to(tl.float32)
     bb = tl.load(b + (i_b * HB + hb) * DK + ck, mask=mk, other=0.0).to(tl.float32)
-    vv = tl.load(v + i_bh * DV + cv, mask=mv, other=0.0).to(tl.float32)
+    vv = tl.load(v + i_b * sv + hv * DV + cv, mask=mv, other=0.0).to(tl.float32)
     ww = tl.load(w + i_bh * DV + cv, mask=mv, other=0.0).to(tl.float32)
     if USE_L2NORM:
         kk = kk * tl.rsqrt(tl.sum(kk * kk) + 1e-6)
@@ -79,7 +79,8 @@ def fused_recurrent_step_triton(
     """One token of the recurrence for B sequences; `state` [B, HV, dk, dv] fp32 (contiguous) is updated in place.
 
     Args:
-        q, k: [B, H, dk]; g, b: [B, H or HV, dk] (g fp32 log-decay); v, w: [B, HV, dv]; all contiguous.
+        q, k: [B, H, dk]; g, b: [B, H or HV, dk] (g fp32 log-decay); v, w: [B, HV, dv]. g, b and w are
+            contiguous; q, k and v may have strided rows (slices of one packed tensor), their heads contiguous.
         scale: query scale, default dk ** -0.5.
         use_qk_l2norm: L2-normalise q and k (eps 1e-6) in the kernel.
         out: optional preallocated [B, HV, dv] output (v's dtype), for CUDA graphs.
@@ -96,7 +97,7 @@ def fused_recurrent_step_triton(
         raise ValueError(f"state must be a contiguous fp32 [B={B}, HV={HV}, dk={DK}, dv={DV}] tensor, got "
                          f"{state.dtype} {tuple(state.shape)}")
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("b", b), ("w", w)):
-        if not x.is_contiguous():
+        if not (x.is_contiguous() or (name in "qkv" and x[0].is_contiguous())):
             raise ValueError(f"{name} must be contiguous for the decode step (call .contiguous() first)")
     HG = HV // head_groups(H, HV, "g", g.shape[1])
     HB = HV // head_groups(H, HV, "b", b.shape[1])
@@ -105,7 +106,8 @@ def fused_recurrent_step_triton(
     BV = _value_block(B * HV, DV)
     _decode_step_kernel[(triton.cdiv(DV, BV), B * HV)](
         q, k, v, g, b, w, state, out, DK**-0.5 if scale is None else scale,
-        H=H, HV=HV, HG=HG, HB=HB, DK=DK, DV=DV, BK=block_size(DK), BV=BV, USE_L2NORM=use_qk_l2norm,
+        H=H, HV=HV, HG=HG, HB=HB, sq=q.stride(0), sk=k.stride(0), sv=v.stride(0),
+        DK=DK, DV=DV, BK=block_size(DK), BV=BV, USE_L2NORM=use_qk_l2norm,
         num_warps=LAUNCH["warps"] if BV * block_size(DK) >= 4096 else 2,
     )
     return out

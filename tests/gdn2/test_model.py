@@ -115,8 +115,9 @@ def test_scalar_b_leaves_w_untouched():
     m_full, m_sb = tiny_model("tiny"), tiny_model("tiny", gate_mode="scalar_b")
     m_sb.load_state_dict(m_full.state_dict())
     x = torch.randn(10, m_full.config.n_embd, dtype=torch.float64)
-    g1, b1, w1 = m_full.transformer.h[0].attn._gates(x)
-    g2, b2, w2 = m_sb.transformer.h[0].attn._gates(x)
+    a_full, a_sb = m_full.transformer.h[0].attn, m_sb.transformer.h[0].attn
+    g1, b1, w1 = a_full._gates(a_full._project(x), kernels=False)
+    g2, b2, w2 = a_sb._gates(a_sb._project(x), kernels=False)
     assert torch.equal(w1, w2) and torch.equal(g1, g2) and not torch.allclose(b1, b2)
     assert torch.allclose(b2, b1.mean(-1, keepdim=True).expand_as(b1))
 
