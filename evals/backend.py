@@ -118,6 +118,7 @@ class GDN2LM(TemplateLM):
         )
         self.bos = self._resolve_bos(bos)
         self.progress = Progress()
+        self._encoded: dict[str, list[int]] = {}  # texts encoded ahead, in one parallel batch (_encode_ahead)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "GDN2LM":
@@ -182,8 +183,26 @@ class GDN2LM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         add_bos = self.bos if add_special_tokens is None else add_special_tokens
-        ids = self.tok.encode(string)
+        ids = self._encoded.get(string)
+        ids = self.tok.encode(string) if ids is None else ids
         return [self.tok.bos_id] + ids if add_bos and self.tok.bos_id is not None else ids
+
+    def _encode_ahead(self, texts: list[str]) -> None:
+        """Encode every text tok_encode is about to be asked for in one batch call (parallel for the file-based
+        tokenizers); lm-eval's per-request encoding then finds them ready. Dropped by _forget_encoded."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._encoded))
+        self._encoded.update(zip(todo, self.tok.encode_batch(todo)))
+
+    def _forget_encoded(self) -> None:
+        self._encoded = {}
+
+    def _encode_many(self, texts: list[str], add_special_tokens: bool | None = None) -> list[list[int]]:
+        """tok_encode of many texts, encoded in one batch."""
+        self._encode_ahead(texts)
+        try:
+            return [self.tok_encode(t, add_special_tokens) for t in texts]
+        finally:
+            self._forget_encoded()
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tok.decode(tokens)
@@ -226,8 +245,18 @@ class GDN2LM(TemplateLM):
 
     # ---- loglikelihood ------------------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        # lm-eval's tokenizing bar is noise next to ours (Progress counts requests and tokens/s)
-        return super().loglikelihood(requests, disable_tqdm=True)
+        # lm-eval's _encode_pair asks for context + continuation and context, after moving the context's trailing
+        # spaces onto the continuation; those texts are encoded ahead in one batch.
+        texts = []
+        for ctx, cont in (req.args for req in requests):
+            n = len(ctx) - len(ctx.rstrip())
+            ctx, cont = (ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont)
+            texts += [ctx + cont, ctx] if ctx else [cont]
+        self._encode_ahead(texts)
+        try:  # lm-eval's tokenizing bar is noise next to ours (Progress counts requests and tokens/s)
+            return super().loglikelihood(requests, disable_tqdm=True)
+        finally:
+            self._forget_encoded()
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -285,7 +314,8 @@ class GDN2LM(TemplateLM):
     # ---- loglikelihood_rolling --------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Sum of log-probabilities of every token of each document, conditioned on the prefix token only."""
-        docs = [[self.prefix_token_id] + self.tok_encode(req.args[0], add_special_tokens=False) for req in requests]
+        docs = [[self.prefix_token_id] + ids
+                for ids in self._encode_many([req.args[0] for req in requests], add_special_tokens=False)]
         order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
         out = [0.0] * len(docs)
         for batch in self._batches(order, [min(len(d), self.batching.rolling_chunk) for d in docs]):
@@ -332,7 +362,7 @@ class GDN2LM(TemplateLM):
             max_new = int(gen_kwargs.pop("max_gen_toks", self.batching.max_gen_toks))
             if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
                 raise ValueError("gdn2 decodes greedily: set do_sample=false and temperature=0 in the task")
-            ctxs = [self.tok_encode(requests[i].args[0]) for i in idxs]
+            ctxs = self._encode_many([requests[i].args[0] for i in idxs])
             order = sorted(range(len(idxs)), key=lambda j: (-len(ctxs[j]), j))
             for batch in self._batches(order, [len(c) + max_new for c in ctxs]):
                 try:

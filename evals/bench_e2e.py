@@ -355,7 +355,11 @@ def run_requests(h: Harness, mix: Mix, requests: list, device: str,
 
 
 def write_profile(fn: Callable[[], Any], device: str, path: Path) -> None:
-    """Run fn under torch.profiler; write wall time, summed device time and the top operators to `path`."""
+    """Run fn under torch.profiler, then under cProfile; write wall time, summed device time, the top operators
+    and the Python functions that hold the host longest (time waiting on the device shows as sync calls)."""
+    import cProfile
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -369,9 +373,15 @@ def write_profile(fn: Callable[[], Any], device: str, path: Path) -> None:
     busy = sum(e.self_device_time_total for e in events) / 1e6 if len(acts) > 1 else float("nan")
     sort = "self_device_time_total" if len(acts) > 1 else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
+    host = cProfile.Profile()
+    host.runcall(fn)
+    _sync(device)
+    stats = io.StringIO()
+    pstats.Stats(host, stream=stats).sort_stats("tottime").print_stats(30)
     path.write_text(f"wall {wall:.3f}s (profiled)  device busy {busy:.3f}s  kernels launched "
                     f"{sum(e.count for e in events if 'CUDA' in str(getattr(e, 'device_type', '')))}\n"
-                    + events.table(sort_by=sort, row_limit=45, max_name_column_width=70) + "\n")
+                    + events.table(sort_by=sort, row_limit=45, max_name_column_width=70) + "\n"
+                    + stats.getvalue())
 
 
 def compare_loglikelihoods(mix: Mix, ours: list, anchor: list, requests: list) -> dict:

@@ -5,6 +5,7 @@
   - a folder with tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face tokenizers)
   - a path to one of those files
 Every tokenizer exposes the same small interface: encode(text) -> list[int] without special tokens,
+encode_batch(texts) (the same, for many texts at once: the file-based ones encode them in parallel),
 decode(ids) -> str, bos_id, eos_id, vocab_size, name. BOS is never added implicitly: whether a sequence
 starts with BOS is the caller's explicit policy (the official pipelines differ, see the checkpoint spec).
 The file-based tokenizers also report `add_bos`: whether the Hugging Face call that the official stream pipeline
@@ -26,6 +27,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
@@ -40,6 +43,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
@@ -59,6 +65,9 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=-1)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -85,6 +94,9 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         # The post-processor of Llama-style files inserts <s>; BOS is the caller's decision, so skip it.
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -87,8 +87,10 @@ def test_command_end_to_end_without_anchor(tmp_path):
     rc = run_eval.main(["bench", "e2e", "--shape", "tiny", "--device", "cpu", "--no-anchor", "--counts",
                         "mc=2,lambada=3,recall=1,niah=1", "--length-scale", "0.02", "--gen-cap", "3",
                         "--decode-batches", "1,2", "--decode-steps", "2", "--out", str(out),
-                        "--workdir", str(tmp_path)])
+                        "--workdir", str(tmp_path), "--profile", str(tmp_path / "prof")])
     assert rc == 0
+    profile = (tmp_path / "prof" / "profile-mc.txt").read_text()
+    assert profile.startswith("wall ") and "aten::" in profile and "_score_batch" in profile  # ops, then Python
     report = json.loads(out.with_suffix(".json").read_text())
     assert {"device", "torch", "triton", "lm_eval", "fla", "date"} <= set(report["env"])
     assert report["env"]["fla"] is None or importlib.util.find_spec("fla")
