@@ -223,11 +223,11 @@ class GDN2LM(TemplateLM):
         return batches
 
     def _ragged(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded token rows and their lengths, built on the host and copied to the device at once."""
+        """Right-padded token rows on the device and their lengths on the host (the model's row bookkeeping is
+        done there, so nothing waits on a read-back)."""
         width = max(len(s) for s in seqs)
         tokens = torch.tensor([s + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
-        lengths = torch.tensor([len(s) for s in seqs])
-        return tokens.to(self._device), lengths.to(self._device)
+        return tokens.to(self._device), torch.tensor([len(s) for s in seqs])
 
     # ---- out of memory ------------------------------------------------------------------------------------------
     def _guarded(self, run: Callable[[list[int]], list], batch: list[int]) -> list:
@@ -291,18 +291,20 @@ class GDN2LM(TemplateLM):
         tokens, lengths = self._ragged(ctxs)
         last, state = self.model.prefill(tokens, lengths=lengths, logits="last")
         conts = [requests[i][2] for m in members for i in m]
-        rows = torch.tensor([r for r, m in enumerate(members) for _ in m], device=self._device)
+        row_of = [r for r, m in enumerate(members) for _ in m]
         targets, cont_len = self._ragged(conts)  # [N, L] continuation tokens, right-padded
-        first = F.log_softmax(last.float(), -1)[rows]  # [N, V]
+        first = F.log_softmax(last.float(), -1)[torch.tensor(row_of, device=self._device)]  # [N, V]
         tok_ll = first.gather(-1, targets[:, :1])  # [N, L]: log-prob of every continuation token, 0 past the end
         greedy = first.argmax(-1) == targets[:, 0]
-        tail_rows = torch.tensor([j for j, c in enumerate(conts) if len(c) > 1], device=self._device)
-        if len(tail_rows):
-            t_tok, t_len = targets[tail_rows, :-1], cont_len[tail_rows] - 1  # fed after the context
-            logits, _ = self.model.prefill(t_tok, state.select(rows[tail_rows]), lengths=t_len)
+        tail = [j for j, c in enumerate(conts) if len(c) > 1]
+        if tail:
+            tail_rows = torch.tensor(tail, device=self._device)
+            t_tok, t_len = targets[tail_rows, :-1], cont_len[tail] - 1  # fed after the context
+            start = state.select(torch.tensor([row_of[j] for j in tail], device=self._device))
+            logits, _ = self.model.prefill(t_tok, start, lengths=t_len)
             logp = F.log_softmax(logits.float(), -1)  # position p predicts continuation token p + 1
             want = targets[tail_rows, 1:]
-            valid = torch.arange(want.shape[1], device=self._device)[None, :] < t_len[:, None]
+            valid = (torch.arange(want.shape[1])[None, :] < t_len[:, None]).to(self._device)
             tail_ll = torch.zeros(len(conts), want.shape[1], device=self._device)
             tail_ll[tail_rows] = logp.gather(-1, want[..., None])[..., 0].masked_fill(~valid, 0.0)
             tok_ll = torch.cat([tok_ll, tail_ll], dim=1)
@@ -336,17 +338,18 @@ class GDN2LM(TemplateLM):
         for c0 in range(0, int(inputs_len.max()), C):
             seg = (inputs_len - c0).clamp(0, C)
             rows = (seg > 0).nonzero().squeeze(-1)
-            sub = state.select(rows)
-            logits, sub = self.model.prefill(tokens[rows, c0 : c0 + C], sub, lengths=seg[rows])
-            state.assign(rows, sub)
+            rows_dev = rows.to(self._device)
+            sub = state.select(rows_dev)
+            logits, sub = self.model.prefill(tokens[rows_dev, c0 : c0 + C], sub, lengths=seg[rows])
+            state.assign(rows_dev, sub)
             logp = F.log_softmax(logits.float(), -1)
-            targets = tokens[rows, c0 + 1 : c0 + 1 + logits.shape[1]]
+            targets = tokens[rows_dev, c0 + 1 : c0 + 1 + logits.shape[1]]
             pad = logits.shape[1] - targets.shape[1]
             if pad:
                 targets = F.pad(targets, (0, pad))
             tok_lp = logp.gather(-1, targets[..., None])[..., 0]
-            mask = torch.arange(logits.shape[1], device=self._device)[None, :] < seg[rows, None]
-            total.index_add_(0, rows, (tok_lp * mask).sum(1).double())
+            mask = (torch.arange(logits.shape[1])[None, :] < seg[rows, None]).to(self._device)
+            total.index_add_(0, rows_dev, (tok_lp * mask).sum(1).double())
         return total.tolist()
 
     # ---- generate_until -------------------------------------------------------------------------------------------

@@ -370,7 +370,8 @@ def write_profile(fn: Callable[[], Any], device: str, path: Path) -> None:
         _sync(device)
     wall = time.perf_counter() - t0
     events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e6 if len(acts) > 1 else float("nan")
+    kernels = [e for e in events if "CUDA" in str(getattr(e, "device_type", ""))]  # operators' rows repeat these
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6 if len(acts) > 1 else float("nan")
     sort = "self_device_time_total" if len(acts) > 1 else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     host = cProfile.Profile()
@@ -379,7 +380,7 @@ def write_profile(fn: Callable[[], Any], device: str, path: Path) -> None:
     stats = io.StringIO()
     pstats.Stats(host, stream=stats).sort_stats("tottime").print_stats(30)
     path.write_text(f"wall {wall:.3f}s (profiled)  device busy {busy:.3f}s  kernels launched "
-                    f"{sum(e.count for e in events if 'CUDA' in str(getattr(e, 'device_type', '')))}\n"
+                    f"{sum(e.count for e in kernels)}\n"
                     + events.table(sort_by=sort, row_limit=45, max_name_column_width=70) + "\n"
                     + stats.getvalue())
 

@@ -96,21 +96,44 @@ def _short_conv_kernel(x, tail, w, y, seq, start, sx, total, C,
     tl.store(y + t[:, None] * C + c[None, :], out.to(y.dtype.element_ty), mask=mt[:, None] & mc[None, :])
 
 
+@triton.jit
+def _conv_tail_kernel(x, tail, new, start, sx, C, W: tl.constexpr, BC: tl.constexpr):
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mc = c < C
+    s0 = tl.load(start + n)
+    s1 = tl.load(start + n + 1)
+    for j in tl.static_range(W - 1):
+        p = s1 - (W - 1) + j  # a sequence shorter than W-1 reaches back into its old tail
+        dst = new + (n * (W - 1) + j) * C + c
+        if p >= s0:
+            tl.store(dst, tl.load(x + p * sx + c, mask=mc, other=0.0).to(new.dtype.element_ty), mask=mc)
+        else:
+            src = tail + (n * (W - 1) + (W - 1) + p - s0) * C + c
+            tl.store(dst, tl.load(src, mask=mc, other=0.0).to(new.dtype.element_ty), mask=mc)
+
+
 def short_conv(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, seq: torch.Tensor,
-               cu_seqlens: torch.Tensor) -> torch.Tensor:
+               cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SiLU(causal depthwise conv) of packed x [total, C] whose sequences continue `tail` [N, W-1, C].
 
-    weight [C, W]; seq [total] int32: the sequence of every token. Returns y [total, C] in x's dtype.
+    weight [C, W]; seq [total] int32: the sequence of every token. Returns y [total, C] in x's dtype and the new
+    tails (each sequence's last W-1 inputs) [N, W-1, C] in tail's dtype.
     """
     check_device(x)
     total, C = x.shape
     W = weight.shape[-1]
+    N = tail.shape[0]
+    tail = tail.contiguous()
     y = torch.empty(total, C, dtype=x.dtype, device=x.device)
+    new_tail = torch.empty_like(tail)
     BT, BC = 16, 128
     if total:
         _short_conv_kernel[(triton.cdiv(total, BT), triton.cdiv(C, BC))](
-            x, tail.contiguous(), weight, y, seq, cu_seqlens, x.stride(0), total, C, W=W, BT=BT, BC=BC)
-    return y
+            x, tail, weight, y, seq, cu_seqlens, x.stride(0), total, C, W=W, BT=BT, BC=BC)
+    if N and W > 1:
+        _conv_tail_kernel[(N, triton.cdiv(C, 256))](x, tail, new_tail, cu_seqlens, x.stride(0), C, W=W, BC=256)
+    return y, new_tail
 
 
 @triton.jit

@@ -50,10 +50,13 @@ class Stacked:
 
     def __init__(self, owner: nn.Module, names: list[str]):
         self.owner, self.names = owner, names
+        self._slots: list[tuple[nn.Module, str]] | None = None  # (module, parameter name), resolved on first use
         self._stack: torch.Tensor | None = None
 
     def params(self) -> list[torch.Tensor]:
-        return [self.owner.get_parameter(n) for n in self.names]
+        if self._slots is None:
+            self._slots = [(self.owner.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in self.names]
+        return [m._parameters[n] for m, n in self._slots]  # looked up each time: a replaced parameter is seen
 
     def sizes(self) -> list[int]:
         return [p.shape[0] for p in self.params()]
@@ -123,12 +126,11 @@ def short_conv(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, cu_seq
     Returns (y, new tail)."""
     W = weight.shape[-1]
     N, total = tail.shape[0], x.shape[0]
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    seq = torch.repeat_interleave(torch.arange(N, device=x.device), lengths, output_size=total)
+    seq = _sequence_ids(cu_seqlens, total)
     if kernels:
-        y = layer_kernels().short_conv(x, tail, weight.view(-1, W), seq.int(), cu_seqlens)
-        return y, last_inputs(x, tail, cu_seqlens)
+        return layer_kernels().short_conv(x, tail, weight.view(-1, W), seq, cu_seqlens)
     # Lay each sequence out after its own tail in one buffer, then read W consecutive rows per token.
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     start = cu_seqlens[:-1] + torch.arange(N, device=x.device) * (W - 1)
     ext = x.new_empty(total + N * (W - 1), x.shape[1])
     tail_rows = start[:, None] + torch.arange(W - 1, device=x.device)
@@ -141,15 +143,19 @@ def short_conv(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, cu_seq
     return y, new_tail.to(tail.dtype)
 
 
-def last_inputs(x: torch.Tensor, tail: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """The last W-1 conv inputs of every sequence [N, W-1, C]: its own tokens, reaching back into its tail."""
-    Wm1 = tail.shape[1]
-    start, end = cu_seqlens[:-1], cu_seqlens[1:]
-    idx = end[:, None] - Wm1 + torch.arange(Wm1, device=x.device)  # [N, W-1] packed positions wanted
-    inside = idx >= start[:, None]
-    from_x = x[idx.clamp(min=0)]
-    from_tail = tail.gather(1, (Wm1 + idx - start[:, None]).clamp(0, Wm1 - 1)[..., None].expand(-1, -1, x.shape[1]))
-    return torch.where(inside[..., None], from_x.to(tail.dtype), from_tail)
+# The layers of a forward pass share one cu_seqlens tensor: (tensor, its _version, sequence id of every token).
+_SEQ_IDS: list = [None]
+
+
+def _sequence_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """int32 [total]: the packed sequence every token belongs to (computed once per cu_seqlens tensor)."""
+    last = _SEQ_IDS[0]
+    if last is None or last[0] is not cu_seqlens or last[1] != cu_seqlens._version or len(last[2]) != total:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device, dtype=torch.int32),
+                                      lengths, output_size=total)
+        last = _SEQ_IDS[0] = (cu_seqlens, cu_seqlens._version, ids)
+    return last[2]
 
 
 def short_conv_step(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, kernels: bool = False) -> torch.Tensor:

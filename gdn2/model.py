@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from gdn2.config import Config
 from gdn2.layers import CausalSelfAttention, GatedDeltaNet2, LLaMAMLP, RMSNorm
-from gdn2.ops import resolve_backend
+from gdn2.ops import describe_packing, resolve_backend
 from gdn2.state import State
 
 
@@ -125,11 +125,13 @@ class GPT(nn.Module):
 
         logits: "all" -> [B, T, V] (zeros at padding), "last" -> [B, V] at each row's last token, "none" -> None.
         Returns (logits, state); the input state is not modified.
+        Row bookkeeping happens on the host (pass `lengths` as a CPU tensor to spare one read-back), so a forward
+        pass never waits for the device: the host can queue the next pass while this one runs.
         """
         B, T = tokens.shape
         device = tokens.device
-        lengths = torch.full((B,), T, device=device) if lengths is None else lengths.to(device)
-        if int(lengths.min()) < 1:
+        host_lengths = torch.full((B,), T) if lengths is None else lengths.detach().cpu().long()
+        if B and int(host_lengths.min()) < 1:
             raise ValueError("every row needs at least one token (lengths >= 1)")
         state = self.new_state(B, device) if state is None else state.clone()
         V = self.config.padded_vocab_size
@@ -139,26 +141,27 @@ class GPT(nn.Module):
             out = torch.zeros(B, T, V, device=device, dtype=ldt)
         elif logits == "last":
             out = torch.zeros(B, V, device=device, dtype=ldt)
-        for c0 in range(0, int(lengths.max()), self.chunk_tokens):
-            seg = (lengths - c0).clamp(0, self.chunk_tokens)
+        to_dev = lambda t: t.to(device, non_blocking=True)  # noqa: E731  (host-built indices)
+        for c0 in range(0, int(host_lengths.max()) if B else 0, self.chunk_tokens):
+            seg = (host_lengths - c0).clamp(0, self.chunk_tokens)
             rows = (seg > 0).nonzero().squeeze(-1)
             seg_rows = seg[rows]
-            cu = torch.zeros(len(rows) + 1, dtype=torch.long, device=device)
+            cu = torch.zeros(len(rows) + 1, dtype=torch.long)
             cu[1:] = seg_rows.cumsum(0)
-            cols = c0 + torch.arange(int(seg_rows.max()), device=device)
+            cols = c0 + torch.arange(int(seg_rows.max()))
             valid = cols[None, :] < (c0 + seg_rows)[:, None]
-            packed = tokens[rows][:, cols][valid]
-            sub = state.select(rows) if len(rows) < B else state
-            hidden = self.forward_packed(packed, cu, sub)
+            flat = (rows[:, None] * T + cols[None, :])[valid]  # packed token -> position in tokens.view(-1)
+            cu_dev = to_dev(cu)
+            describe_packing(cu_dev, cu.tolist())
+            sub = state.select(to_dev(rows)) if len(rows) < B else state
+            hidden = self.forward_packed(tokens.reshape(-1)[to_dev(flat)], cu_dev, sub)
             if len(rows) < B:
-                state.assign(rows, sub)
+                state.assign(to_dev(rows), sub)
             if logits == "all":
-                r_idx = rows[:, None].expand_as(valid)[valid]
-                out[r_idx, cols[None, :].expand_as(valid)[valid]] = self.lm_head(hidden).to(ldt)
+                out.view(B * T, V)[to_dev(flat)] = self.lm_head(hidden).to(ldt)
             elif logits == "last":
-                done = lengths[rows] <= c0 + self.chunk_tokens  # rows whose last token lies in this chunk
-                last_hidden = hidden[cu[1:] - 1]
-                out[rows[done]] = self.lm_head(last_hidden[done]).to(ldt)
+                done = host_lengths[rows] <= c0 + self.chunk_tokens  # rows whose last token lies in this chunk
+                out[to_dev(rows[done])] = self.lm_head(hidden[to_dev((cu[1:] - 1)[done])]).to(ldt)
         return out, state
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ __all__ = [
     "gated_deltanet",
     "no_delta",
     "triton_available",
+    "describe_packing",
     "l2norm",
 ]
 
@@ -42,6 +43,15 @@ def triton_available(device: torch.device | str | None = None) -> bool:
     except ImportError:
         return False
     return True
+
+
+def describe_packing(cu_seqlens: torch.Tensor, offsets: list[int]) -> None:
+    """Hand the kernels the host-side values of a packed batch's cu_seqlens, so that they need not read them back
+    from the device (a read-back makes the host wait for every queued kernel). Optional: without it they read."""
+    if cu_seqlens.device.type == "cuda" and triton_available(cu_seqlens.device):
+        from gdn2.ops.chunk import remember_layout
+
+        remember_layout(cu_seqlens, offsets)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -322,8 +322,9 @@ def _state_pass_kernel(
         tl.store(ht + s_off, S, mask=s_mask)
 
 
-# The layers of one forward pass share one cu_seqlens tensor: its layout is read back from the device once, not
-# once per layer (each read-back stalls the host until the GPU has caught up). Holds (key, tensor, layout).
+# The layers of one forward pass share one cu_seqlens tensor: its values are read back from the device once (or
+# handed over by the caller that built them, remember_layout), not once per layer: each read-back stalls the host
+# until the GPU has caught up. Holds (cu_seqlens, its _version, host offsets, {(T, device): layout}).
 _LAST_LAYOUT: list = [None]
 
 
@@ -334,17 +335,22 @@ def _chunk_layout(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> tu
         return triton.cdiv(T, CHUNK), None, None
     if B != 1:
         raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B={B}")
-    key = (cu_seqlens._version, T, str(device))
     last = _LAST_LAYOUT[0]
-    if last is not None and last[1] is cu_seqlens and last[0] == key:
-        return last[2]
-    layout = _compute_layout(cu_seqlens, T, device)
-    _LAST_LAYOUT[0] = (key, cu_seqlens, layout)
-    return layout
+    if last is None or last[0] is not cu_seqlens or last[1] != cu_seqlens._version:
+        last = remember_layout(cu_seqlens, cu_seqlens.tolist())
+    key = (T, str(device))
+    if key not in last[3]:
+        last[3][key] = _compute_layout(last[2], T, device)
+    return last[3][key]
 
 
-def _compute_layout(cu_seqlens: torch.Tensor, T: int, device) -> tuple[int, torch.Tensor, torch.Tensor]:
-    cu = cu_seqlens.tolist()  # one host sync per forward pass, none per token
+def remember_layout(cu_seqlens: torch.Tensor, offsets: list[int]) -> tuple:
+    """Take the host values of cu_seqlens from the caller that built it (see gdn2.ops.describe_packing)."""
+    _LAST_LAYOUT[0] = entry = (cu_seqlens, cu_seqlens._version, list(offsets), {})
+    return entry
+
+
+def _compute_layout(cu: list[int], T: int, device) -> tuple[int, torch.Tensor, torch.Tensor]:
     lengths = [b - a for a, b in zip(cu, cu[1:])]
     if any(L < 0 for L in lengths) or cu[0] != 0 or cu[-1] != T:
         raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu}")

@@ -248,3 +248,7 @@ def test_chunk_layout_is_read_back_once_per_cu_seqlens_tensor(monkeypatch):
     assert len(calls) == 3
     with pytest.raises(ValueError, match="cu_seqlens must rise"):
         chunk_mod._chunk_layout(torch.tensor([0, 5, 3]), 1, 3, "cpu")
+    told = torch.tensor([0, 3, 200])  # values handed over by the caller that built it: never read back
+    chunk_mod.remember_layout(told, [0, 3, 200])
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("cu_seqlens was read back"))
+    assert chunk_mod._chunk_layout(told, 1, 200, "cpu")[0] == 1 + 4
