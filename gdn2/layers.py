@@ -241,9 +241,10 @@ class GatedDeltaNet2(nn.Module):
         return parts
 
     def _qkv(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k [rows, H, K] and v [rows, HV, V]: column slices of the convolution's output."""
         KD = self.H * self.K
-        return (conv_out[:, :KD].unflatten(-1, (self.H, self.K)), conv_out[:, KD:2 * KD].unflatten(-1, (self.H, self.K)),
-                conv_out[:, 2 * KD:].unflatten(-1, (self.HV, self.V)))
+        q, k, v = conv_out.split([KD, KD, self.HV * self.V], dim=-1)
+        return q.unflatten(-1, (self.H, self.K)), k.unflatten(-1, (self.H, self.K)), v.unflatten(-1, (self.HV, self.V))
 
     def _gates(self, p: dict[str, torch.Tensor], kernels: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log-decay g [rows, HD, K] fp32, erase b [rows, H|HV, K], write w [rows, HV, V] from the projections."""

@@ -118,6 +118,7 @@ def test_decisions_compare_argmax_per_document():
     anchor = [(-1.0, False), (-2.0, False), (-3.0, False), (-4.0, False)] + [(-0.1, False)] + [(-5.0, False)] * 3
     got = bench_e2e.compare_loglikelihoods(mix, ours, anchor, reqs)
     assert got["max_abs_ll_diff"] == pytest.approx(4.9)
+    assert got["max_rel_ll_diff"] == pytest.approx(4.9 / 0.1)
     # doc 0: both pick choice 0 (the gold); doc 1: ours picks 3, the anchor picks 0
     assert (got["acc_ours"], got["acc_anchor"], got["acc_agree"]) == (0.5, 1.0, 0.5)
 

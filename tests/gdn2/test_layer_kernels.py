@@ -119,6 +119,8 @@ MODELS = {
     "kda": dict(beta="scalar", allow_neg_eigval=True),
     "gated_deltanet": dict(decay="scalar", beta="scalar", out_gate="full"),
     "no_out_gate": dict(out_gate="none", decay_heads="value"),
+    "value_heads": dict(gdn2_num_v_heads=4, gdn2_expand_v=2, conv_size=2),  # HV = 2H, dv = 2dk, short conv of 2
+    "tied_gates": dict(gate_mode="tied", allow_neg_eigval=True),  # a Table 5 ablation on top of the kernels' gates
 }
 
 
