@@ -144,3 +144,15 @@ def test_random_init_starts_every_norm_gain_at_one():
     assert m.transformer.ln_f in norms and all(bool((n.weight == 1).all()) for n in norms)
     logits = m(torch.randint(0, 512, (1, 16)))
     assert float(logits.std()) > 0.1  # not a flat distribution
+
+
+def test_state_size_does_not_grow_with_the_prompt():
+    """Recurrent layers keep a fixed matrix per head; SWA layers a ring of window-1 keys and values: a hybrid's
+    state after 500 tokens has the bytes it had after 20 (and the window's last keys, not the first)."""
+    m = tiny_model("tiny_hybrid")
+    window = m.config.local_window
+    _, short = m.prefill(tokens(1, 20))
+    _, long = m.prefill(tokens(1, 500))
+    assert short.nbytes() == long.nbytes() == m.new_state(1).nbytes()
+    swa = next(layer for layer, block in zip(long.layers, m.transformer.h) if not block.is_gdn2)
+    assert swa["k"].shape[1] == window - 1
