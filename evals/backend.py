@@ -13,6 +13,8 @@ sorted by length and batched under a token budget; results come back in request 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -118,7 +120,7 @@ class GDN2LM(TemplateLM):
         )
         self.bos = self._resolve_bos(bos)
         self.progress = Progress()
-        self._encoded: dict[str, list[int]] = {}  # texts encoded ahead, in one parallel batch (_encode_ahead)
+        self._encoded: dict[str, list[int]] = {}  # texts encoded ahead, in one parallel batch (_encoded_ahead)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "GDN2LM":
@@ -187,22 +189,21 @@ class GDN2LM(TemplateLM):
         ids = self.tok.encode(string) if ids is None else ids
         return [self.tok.bos_id] + ids if add_bos and self.tok.bos_id is not None else ids
 
-    def _encode_ahead(self, texts: list[str]) -> None:
-        """Encode every text tok_encode is about to be asked for in one batch call (parallel for the file-based
-        tokenizers); lm-eval's per-request encoding then finds them ready. Dropped by _forget_encoded."""
-        todo = list(dict.fromkeys(t for t in texts if t not in self._encoded))
-        self._encoded.update(zip(todo, self.tok.encode_batch(todo)))
-
-    def _forget_encoded(self) -> None:
-        self._encoded = {}
+    @contextmanager
+    def _encoded_ahead(self, texts: list[str]) -> Iterator[None]:
+        """Within the block, tok_encode finds `texts` already encoded, in one batch call (parallel for the
+        file-based tokenizers): lm-eval's per-request encoding then costs a lookup."""
+        todo = list(dict.fromkeys(texts))
+        self._encoded = dict(zip(todo, self.tok.encode_batch(todo)))
+        try:
+            yield
+        finally:
+            self._encoded = {}
 
     def _encode_many(self, texts: list[str], add_special_tokens: bool | None = None) -> list[list[int]]:
         """tok_encode of many texts, encoded in one batch."""
-        self._encode_ahead(texts)
-        try:
+        with self._encoded_ahead(texts):
             return [self.tok_encode(t, add_special_tokens) for t in texts]
-        finally:
-            self._forget_encoded()
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tok.decode(tokens)
@@ -252,11 +253,8 @@ class GDN2LM(TemplateLM):
             n = len(ctx) - len(ctx.rstrip())
             ctx, cont = (ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont)
             texts += [ctx + cont, ctx] if ctx else [cont]
-        self._encode_ahead(texts)
-        try:  # lm-eval's tokenizing bar is noise next to ours (Progress counts requests and tokens/s)
+        with self._encoded_ahead(texts):  # lm-eval's tokenizing bar is noise next to ours (Progress has tokens/s)
             return super().loglikelihood(requests, disable_tqdm=True)
-        finally:
-            self._forget_encoded()
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         groups: dict[tuple[int, ...], list[int]] = {}

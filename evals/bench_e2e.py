@@ -616,9 +616,9 @@ def render(report: Report) -> str:
         anchor_rate = _fmt(r.get("anchor_req_s"), 1) if "anchor_req_s" in r else r.get("anchor", "-")
         t.add_row(r["mix"], str(r["requests"]), _fmt(r["ours_req_s"], 1), anchor_rate, _fmt(r.get("ratio")),
                   _fmt(r.get("max_abs_ll_diff"), 3), _fmt(r.get("max_rel_ll_diff"), 4), _fmt(r.get("acc_ours"), 3),
-                  _fmt(r.get("acc_anchor"), 3), _fmt(r.get("acc_agree"), 3), _fmt(r.get("same_text"), 3), _fmt(r.get("ours_peak_GiB")),
-                  _fmt(r.get("anchor_peak_GiB")), _fmt(r.get("ours_warmup_s"), 1), _fmt(r.get("anchor_warmup_s"), 1),
-                  _mix_target(r))
+                  _fmt(r.get("acc_anchor"), 3), _fmt(r.get("acc_agree"), 3), _fmt(r.get("same_text"), 3),
+                  _fmt(r.get("ours_peak_GiB")), _fmt(r.get("anchor_peak_GiB")), _fmt(r.get("ours_warmup_s"), 1),
+                  _fmt(r.get("anchor_warmup_s"), 1), _mix_target(r))
     console.print(t)
     t = Table(title=f"Decoding after a {s['decode_prompt']}-token prompt (target: largest batch within "
                     f"{DECODE_FLOOR_TARGET:.0f}x the memory floor = weights + 2 x state bytes over copy bandwidth)",

@@ -1,6 +1,6 @@
 """Triton kernels for the work around the recurrence: norms, the short convolution, gate activations, SwiGLU.
 
-Each replaces a chain of small torch ops (layer_ops.py holds the torch version beside it) with one launch; in a
+Each replaces a chain of small torch ops (layers.py keeps the torch version beside each call) with one launch; in a
 decode step, where every tensor is a few kilobytes, the number of launches is what costs time. All arithmetic is
 fp32; results are stored in the output's dtype. Rows may be strided (slices of one packed projection); the last
 axis must be contiguous.

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from gdn2.config import Config
 from gdn2.ops import gated_delta_rule2, gated_delta_rule2_step
-from gdn2.ops.utils import expand_heads
+from gdn2.ops.utils import expand_heads, packing_memo
 
 
 class RMSNorm(nn.Module):
@@ -143,19 +143,15 @@ def short_conv(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, cu_seq
     return y, new_tail.to(tail.dtype)
 
 
-# The layers of a forward pass share one cu_seqlens tensor: (tensor, its _version, sequence id of every token).
-_SEQ_IDS: list = [None]
-
-
 def _sequence_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """int32 [total]: the packed sequence every token belongs to (computed once per cu_seqlens tensor)."""
-    last = _SEQ_IDS[0]
-    if last is None or last[0] is not cu_seqlens or last[1] != cu_seqlens._version or len(last[2]) != total:
+    """int32 [total]: the packed sequence every token belongs to (once per forward pass: packing_memo)."""
+    memo = packing_memo(cu_seqlens)
+    key = ("sequence_ids", total)
+    if key not in memo:
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device, dtype=torch.int32),
-                                      lengths, output_size=total)
-        last = _SEQ_IDS[0] = (cu_seqlens, cu_seqlens._version, ids)
-    return last[2]
+        memo[key] = torch.repeat_interleave(
+            torch.arange(len(lengths), device=cu_seqlens.device, dtype=torch.int32), lengths, output_size=total)
+    return memo[key]
 
 
 def short_conv_step(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, kernels: bool = False) -> torch.Tensor:

@@ -153,12 +153,13 @@ class GPT(nn.Module):
             flat = (rows[:, None] * T + cols[None, :])[valid]  # packed token -> position in tokens.view(-1)
             cu_dev = to_dev(cu)
             describe_packing(cu_dev, cu.tolist())
-            sub = state.select(to_dev(rows)) if len(rows) < B else state
-            hidden = self.forward_packed(tokens.reshape(-1)[to_dev(flat)], cu_dev, sub)
+            rows_dev, flat_dev = to_dev(rows), to_dev(flat)
+            sub = state.select(rows_dev) if len(rows) < B else state
+            hidden = self.forward_packed(tokens.reshape(-1)[flat_dev], cu_dev, sub)
             if len(rows) < B:
-                state.assign(to_dev(rows), sub)
+                state.assign(rows_dev, sub)
             if logits == "all":
-                out.view(B * T, V)[to_dev(flat)] = self.lm_head(hidden).to(ldt)
+                out.view(B * T, V)[flat_dev] = self.lm_head(hidden).to(ldt)
             elif logits == "last":
                 done = host_lengths[rows] <= c0 + self.chunk_tokens  # rows whose last token lies in this chunk
                 out[to_dev(rows[done])] = self.lm_head(hidden[to_dev((cu[1:] - 1)[done])]).to(ldt)

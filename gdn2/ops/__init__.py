@@ -14,7 +14,7 @@ import torch
 
 from gdn2.ops.chunk_torch import chunk_gdn2_torch
 from gdn2.ops.naive import naive_recurrent_gdn2
-from gdn2.ops.utils import check_inputs, expand_heads, l2norm
+from gdn2.ops.utils import check_inputs, expand_heads, l2norm, packing_memo
 
 __all__ = [
     "gated_delta_rule2",
@@ -48,10 +48,7 @@ def triton_available(device: torch.device | str | None = None) -> bool:
 def describe_packing(cu_seqlens: torch.Tensor, offsets: list[int]) -> None:
     """Hand the kernels the host-side values of a packed batch's cu_seqlens, so that they need not read them back
     from the device (a read-back makes the host wait for every queued kernel). Optional: without it they read."""
-    if cu_seqlens.device.type == "cuda" and triton_available(cu_seqlens.device):
-        from gdn2.ops.chunk import remember_layout
-
-        remember_layout(cu_seqlens, offsets)
+    packing_memo(cu_seqlens)["offsets"] = list(offsets)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -33,6 +33,7 @@ from gdn2.ops.chunk_torch import chunk_gdn2_torch
 from gdn2.ops.triton_utils import (
     MAX_HEAD_DIM, block_size, check_device, fp32_dot_precision, head_groups, interpreting,
 )
+from gdn2.ops.utils import packing_memo
 
 CHUNK = 64  # tokens per chunk: four sub-blocks of 16 rows
 # Launch settings, tuned on an H200 at H=16, dk=dv=128 (evals/bench_kernels.py); a dict so a sweep can override them.
@@ -322,32 +323,21 @@ def _state_pass_kernel(
         tl.store(ht + s_off, S, mask=s_mask)
 
 
-# The layers of one forward pass share one cu_seqlens tensor: its values are read back from the device once (or
-# handed over by the caller that built them, remember_layout), not once per layer: each read-back stalls the host
-# until the GPU has caught up. Holds (cu_seqlens, its _version, host offsets, {(T, device): layout}).
-_LAST_LAYOUT: list = [None]
-
-
 def _chunk_layout(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> tuple[int, torch.Tensor | None,
                                                                                     torch.Tensor | None]:
-    """Number of chunks and, for packed sequences, (sequence, chunk) per chunk and each sequence's first chunk."""
+    """Number of chunks and, for packed sequences, (sequence, chunk) per chunk and each sequence's first chunk;
+    once per forward pass (packing_memo), from host offsets read back once or handed over (describe_packing)."""
     if cu_seqlens is None:
         return triton.cdiv(T, CHUNK), None, None
     if B != 1:
         raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B={B}")
-    last = _LAST_LAYOUT[0]
-    if last is None or last[0] is not cu_seqlens or last[1] != cu_seqlens._version:
-        last = remember_layout(cu_seqlens, cu_seqlens.tolist())
-    key = (T, str(device))
-    if key not in last[3]:
-        last[3][key] = _compute_layout(last[2], T, device)
-    return last[3][key]
-
-
-def remember_layout(cu_seqlens: torch.Tensor, offsets: list[int]) -> tuple:
-    """Take the host values of cu_seqlens from the caller that built it (see gdn2.ops.describe_packing)."""
-    _LAST_LAYOUT[0] = entry = (cu_seqlens, cu_seqlens._version, list(offsets), {})
-    return entry
+    memo = packing_memo(cu_seqlens)
+    if "offsets" not in memo:
+        memo["offsets"] = cu_seqlens.tolist()
+    key = ("chunk_layout", T, str(device))
+    if key not in memo:
+        memo[key] = _compute_layout(memo["offsets"], T, device)
+    return memo[key]
 
 
 def _compute_layout(cu: list[int], T: int, device) -> tuple[int, torch.Tensor, torch.Tensor]:

@@ -21,6 +21,20 @@ def expand_heads(x: torch.Tensor, num_v_heads: int, dim: int = 2) -> torch.Tenso
     return x.repeat_interleave(num_v_heads // H, dim=dim)
 
 
+# The layers of one forward pass share one cu_seqlens tensor: (that tensor, its _version, what was derived from it).
+_PACKING: list = [None]
+
+
+def packing_memo(cu_seqlens: torch.Tensor) -> dict:
+    """A dict for values derived from `cu_seqlens` (host offsets, chunk layout, token -> sequence ids), kept while
+    it is the last packing seen and unchanged: the layers of a forward pass derive them once, not once each, and a
+    read-back of cu_seqlens (which makes the host wait for every queued kernel) happens at most once per pass."""
+    last = _PACKING[0]
+    if last is None or last[0] is not cu_seqlens or last[1] != cu_seqlens._version:
+        last = _PACKING[0] = (cu_seqlens, cu_seqlens._version, {})
+    return last[2]
+
+
 def sequence_bounds(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
     """(batch row, start, end) of every sequence: the rows of a dense batch, or the packed segments of row 0."""
     if cu_seqlens is None:

@@ -232,10 +232,13 @@ if __name__ == "__main__":
 
 def test_chunk_layout_is_read_back_once_per_cu_seqlens_tensor(monkeypatch):
     """The layers of a forward share cu_seqlens: the layout must be computed once, and again when it changes."""
+    from gdn2.ops import describe_packing
+    from gdn2.ops import utils as ops_utils
+
     calls = []
     real = chunk_mod._compute_layout
     monkeypatch.setattr(chunk_mod, "_compute_layout", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(chunk_mod, "_LAST_LAYOUT", [None])
+    monkeypatch.setattr(ops_utils, "_PACKING", [None])
     cu = torch.tensor([0, 70, 75, 200])
     first = chunk_mod._chunk_layout(cu, 1, 200, "cpu")
     for _ in range(3):
@@ -249,6 +252,6 @@ def test_chunk_layout_is_read_back_once_per_cu_seqlens_tensor(monkeypatch):
     with pytest.raises(ValueError, match="cu_seqlens must rise"):
         chunk_mod._chunk_layout(torch.tensor([0, 5, 3]), 1, 3, "cpu")
     told = torch.tensor([0, 3, 200])  # values handed over by the caller that built it: never read back
-    chunk_mod.remember_layout(told, [0, 3, 200])
+    describe_packing(told, [0, 3, 200])
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("cu_seqlens was read back"))
     assert chunk_mod._chunk_layout(told, 1, 200, "cpu")[0] == 1 + 4
