@@ -41,9 +41,9 @@ def _limit(text: str) -> int | float:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from evals.distributed import is_main_process
-    from evals.runner import RunSpec, quiet_lm_eval, run
-    from evals.summary import print_summary
+    from evals.harness.distributed import is_main_process
+    from evals.harness.runner import RunSpec, quiet_lm_eval, run
+    from evals.reports.summary import print_summary
 
     quiet_lm_eval()
     checkpoints = args.checkpoint or DEMO_CHECKPOINTS
@@ -129,7 +129,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_plugin(args: argparse.Namespace) -> int:
-    from evals import lm_eval_plugin
+    from evals.harness import lm_eval_plugin
 
     path = lm_eval_plugin.install() if args.action == "install" else lm_eval_plugin.uninstall()
     print(f"{args.action}ed {path}: `lm_eval --model gdn2 ...` {'now works' if args.action == 'install' else 'is off'}")
@@ -172,13 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("action", choices=["install", "uninstall"])
     pl.set_defaults(func=cmd_plugin)
 
-    from evals.report_cli import add_cli as add_report_cli
+    from evals.reports.report_cli import add_cli as add_report_cli
     from gdn2.convert import add_cli as add_convert_cli
 
     add_report_cli(sub)
     add_convert_cli(sub)
     bench = sub.add_parser("bench", help="speed benchmarks (GPU)").add_subparsers(dest="bench", required=True)
-    for module in ("evals.bench_kernels", "evals.bench_e2e"):
+    for module in ("evals.tools.bench_kernels", "evals.tools.bench_e2e"):
         try:
             __import__(module, fromlist=["add_cli"]).add_cli(bench)
         except ImportError:
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one line unless --debug
         if args.debug or os.environ.get("GDN2_DEBUG"):
             raise
-        from evals.errors import explain
+        from evals.harness.errors import explain
 
         print(f"error: {explain(err)}", file=sys.stderr)
         return 2

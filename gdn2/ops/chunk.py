@@ -16,8 +16,8 @@ Pass 2 (`_state_pass_kernel`, one program per sequence, value head and dv block)
 in registers: three small matrix products per chunk and no per-chunk state written to memory.
 Intermediates are bf16 for bf16 inputs and fp32 otherwise; the state and every accumulator are fp32.
 
-Speed (H200, evals/bench_results/kernels_h200.txt): the state pass is near its byte count, but pass 1 is bound by
-instruction issue at one 8-warp program per SM (255 registers; layout changes around the tensor-core operands),
+Speed (H200, evals/tools/bench_results/kernels_h200.txt): the state pass is near its byte count, but pass 1 is
+bound by instruction issue at one 8-warp program per SM (255 registers; layout changes around the tensor-core operands),
 about 2 ms at B8xT2048, H=16, dk=dv=128: 2.2x fla-core's chunk_gdn2. More programs per SM (fewer registers),
 bf16 operands for the 64-row products and 64-row products for pass 1's blocks are the next steps.
 """

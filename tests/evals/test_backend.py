@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
-from evals.backend import GDN2LM
+from evals.harness.backend import GDN2LM
 from gdn2.config import Config
 from gdn2.model import GPT
 from gdn2.tokenizer import load_tokenizer
@@ -126,7 +126,7 @@ def test_bos_policy_is_explicit_and_recorded():
 
 
 def _native_checkpoint(tmp_path: Path) -> Path:
-    from evals.train_demo import save
+    from evals.tools.train_demo import save
 
     model = GPT(Config.from_name("tiny", vocab_size=1024)).init_weights(seed=5)
     model.steps_done = 0
@@ -137,7 +137,7 @@ def _native_checkpoint(tmp_path: Path) -> Path:
 
 def test_lm_eval_cli_runs_our_task_end_to_end(tmp_path):
     """`lm_eval --model gdn2 ... --include_path tasks` through lm-eval's own CLI, with the .pth plugin."""
-    from evals import lm_eval_plugin
+    from evals.harness import lm_eval_plugin
 
     ckpt = _native_checkpoint(tmp_path)
     site_dir = tmp_path / "site"
@@ -162,7 +162,7 @@ def test_generation_read_back_in_blocks_equals_token_by_token(monkeypatch):
     """GPUs read tokens back every few steps: tokens past a stop or EOS inside a block must not leak out."""
     import functools
 
-    import evals.backend as backend
+    import evals.harness.backend as backend
     from gdn2.generate import greedy_blocks
 
     gens = [Instance("generate_until", {}, (c or "x", {"until": [".", "e"], "max_gen_toks": 12}), i)
@@ -176,7 +176,7 @@ def test_generation_read_back_in_blocks_equals_token_by_token(monkeypatch):
                                         ("日本語のテキスト", "テキ")])
 def test_stop_strings_found_from_the_tail_alone(text, stop):
     """StopStrings looks only at the last few tokens; it must fire exactly when the whole text first holds the stop."""
-    from evals.backend import StopStrings
+    from evals.harness.backend import StopStrings
 
     tok = load_tokenizer(TOKENIZER)
     ids = tok.encode(text)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from evals import bench_e2e
-from evals.bench_e2e import MIXES, build_model, make_requests, parse_counts, write_fla_kda_folder
+from evals.tools import bench_e2e
+from evals.tools.bench_e2e import MIXES, build_model, make_requests, parse_counts, write_fla_kda_folder
 from gdn2.checkpoint import load_checkpoint
 
 # fla KDA's parameter names of one layer (spec section 3.2 and 3.1), written out independently of the code

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.compare import compare_all, compare_runs, mcnemar_exact, paired_bootstrap, render_compare
-from evals.report_cli import add_cli
-from evals.results import CheckpointResult, RunStore, load_run
+from evals.reports.compare import compare_all, compare_runs, mcnemar_exact, paired_bootstrap, render_compare
+from evals.reports.report_cli import add_cli
+from evals.reports.results import CheckpointResult, RunStore, load_run
 
 N_DOCS = 200
 

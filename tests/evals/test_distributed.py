@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evals.distributed import DataParallelLM, data_parallel, dist_env, local_device, split_by_cost
+from evals.harness.distributed import DataParallelLM, data_parallel, dist_env, local_device, split_by_cost
 from gdn2.config import Config
 from gdn2.model import GPT
 
@@ -161,7 +161,7 @@ class _EchoLM:
 def _rank_worker(rank: int, port: int, out_dir: str) -> None:
     from types import SimpleNamespace
 
-    from evals import distributed
+    from evals.harness import distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

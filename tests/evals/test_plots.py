@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.plots import niah_grid, plot_niah_curves, plot_niah_heatmap, plot_recall_bars
-from evals.report import write_report
-from evals.report_cli import add_cli
-from evals.results import CheckpointResult, load_run
+from evals.reports.plots import niah_grid, plot_niah_curves, plot_niah_heatmap, plot_recall_bars
+from evals.reports.report import write_report
+from evals.reports.report_cli import add_cli
+from evals.reports.results import CheckpointResult, load_run
 from tests.fixtures.results.make_fixtures import make_fixture_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import run_eval
-from evals import guards
-from evals.request_cache import RequestCache
+from evals.harness import guards
+from evals.harness.request_cache import RequestCache
 from gdn2.config import Config
 from gdn2.model import GPT
 
@@ -42,7 +42,7 @@ BATCH_FUNCTIONS = ("_greedy", "_score_batch", "_rolling_batch")
 def count_batches(count_file: Path, kill_after: int = 0, sig: str = "SIGKILL", patch=setattr) -> None:
     """Wrap the backend's batch functions: each computed batch appends its size to `count_file`; when
     `kill_after` batches are done the process sends itself `sig` (so those batches are cached, the next is not)."""
-    from evals import backend
+    from evals.harness import backend
 
     done = {"batches": 0}
 
@@ -181,7 +181,7 @@ def test_changed_config_into_the_same_output_is_refused(ckpt, uninterrupted, tmp
 # ---- the request cache --------------------------------------------------------------------------------------------
 def test_request_cache_round_trips_and_survives_sigkill(tmp_path):
     path = tmp_path / "c.db"
-    code = (f"import sys, os, signal; sys.path.insert(0, {str(ROOT)!r}); from evals.request_cache import "
+    code = (f"import sys, os, signal; sys.path.insert(0, {str(ROOT)!r}); from evals.harness.request_cache import "
             f"RequestCache; c = RequestCache({str(path)!r})\n"
             "for i in range(200): c[f'k{i}'] = (float(i) / 3, i % 2 == 0)\n"
             "c['text'] = 'caf\\u00e9 \\ud800'; os.kill(os.getpid(), signal.SIGKILL)")
@@ -302,7 +302,7 @@ def test_dataset_missing_offline(ckpt, tmp_path, capsys):
 
 # ---- out of memory and NaN/inf ------------------------------------------------------------------------------------
 def tiny_lm(batch_size: int = 8):
-    from evals.backend import GDN2LM
+    from evals.harness.backend import GDN2LM
     from gdn2.tokenizer import load_tokenizer
 
     model = GPT(Config.from_name("tiny", vocab_size=1024)).init_weights(seed=3)
@@ -352,7 +352,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_answers(kind, monkeyp
 
 
 def test_out_of_memory_at_batch_one_is_explained(monkeypatch):
-    from evals.errors import explain
+    from evals.harness.errors import explain
 
     lm = tiny_lm()
     limit_rows(monkeypatch, lm, max_rows=None)
@@ -485,7 +485,7 @@ def test_hf_offline_sets_and_restores_the_flags(monkeypatch):
 
 
 def test_a_local_run_never_opens_a_socket(ckpt, tmp_path, capsys, monkeypatch):
-    from evals.runner import RunSpec, _needs_online, make_plan
+    from evals.harness.runner import RunSpec, _needs_online, make_plan
 
     def no_network(*args, **kwargs):
         raise AssertionError(f"network access: {args}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.results import RunStore, json_safe, load_run, load_runs
+from evals.reports.results import RunStore, json_safe, load_run, load_runs
 
 
 def output(task: str, acc: float, samples: list[dict] | None = None) -> dict:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from rich.text import Text
 
-from evals.report_cli import add_cli
-from evals.results import CheckpointResult, load_run
-from evals.tables import (COLUMNS, TABLE2_ACCS, build_table, load_paper_tables, paper_average, render_table,
+from evals.reports.report_cli import add_cli
+from evals.reports.results import CheckpointResult, load_run
+from evals.reports.tables import (COLUMNS, TABLE2_ACCS, build_table, load_paper_tables, paper_average, render_table,
                           rich_table)
 from tests.fixtures.results.make_fixtures import EXPECTED_CASES, expected_path, make_fixture_runs, render_case
 

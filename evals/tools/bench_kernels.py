@@ -1,7 +1,7 @@
 """Kernel benchmark: our Triton prefill and decode step against fla-core, on identical inputs in one process.
 
     python run_eval.py bench kernels                  # the paper's shapes (H=16, dk=dv=128, bf16)
-    python -m evals.bench_kernels --out evals/bench_results/kernels_h200.txt
+    python -m evals.tools.bench_kernels --out evals/tools/bench_results/kernels_h200.txt
 
 Times are medians of triton.testing.do_bench. The bytes floor is every input read once and every output written
 once (for decode: the fp32 state read and written) over the device-to-device copy bandwidth measured here.

@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from evals.results import load_run
+from evals.reports.results import load_run
 
 
 def _columns(suite_name: str | None, results) -> list[tuple[str, str, str, bool]]:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from evals.compare import compare_all, compare_tables, render_compare
-from evals.plots import plot_niah_curves, plot_niah_heatmap, plot_recall_bars, safe_filename
-from evals.report import write_report
-from evals.results import CheckpointResult, load_runs
-from evals.tables import FORMATS, LAYOUTS, build_table, render_table, rich_table
+from evals.reports.compare import compare_all, compare_tables, render_compare
+from evals.reports.plots import plot_niah_curves, plot_niah_heatmap, plot_recall_bars, safe_filename
+from evals.reports.report import write_report
+from evals.reports.results import CheckpointResult, load_runs
+from evals.reports.tables import FORMATS, LAYOUTS, build_table, render_table, rich_table
 
 PLOT_KINDS = ("niah-heatmap", "niah-curves", "recall-bars")
 

@@ -21,10 +21,10 @@ Recipe (the same for the three families; only the mixer's gate parameterisation 
   - stored in bf16 safetensors (native format) under gdn2/demo/<name>/.
 These are toy models for the demo suite, not the paper's 1.3B models.
 
-    python -m evals.train_demo --out gdn2/demo --device cuda --time-budget 250 --steps 100000     # stage 1
-    python -m evals.train_demo --out gdn2/demo --init gdn2/demo --device cpu --lengths 128,160,192,256 \
+    python -m evals.tools.train_demo --out gdn2/demo --device cuda --time-budget 250 --steps 100000     # stage 1
+    python -m evals.tools.train_demo --out gdn2/demo --init gdn2/demo --device cpu --lengths 128,160,192,256 \
         --batch-size 16 --lr 2e-3 --workers 1 --steps 330                                         # stage 2
-    for f in gdn2-demo kda-demo gdn-demo; do python -m evals.train_demo --out gdn2/demo --init gdn2/demo \
+    for f in gdn2-demo kda-demo gdn-demo; do python -m evals.tools.train_demo --out gdn2/demo --init gdn2/demo \
         --families $f --device cuda --time-budget 480 --steps 100000 --batch-size 128 --lr 3e-3 \
         --lengths 128,192,256,320,384,512 & done; wait                                             # stage 3
 """
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name} {variant}@{length}: {quick_accuracy(model, tok, variant, length):.2f}", flush=True)
         stage = {"steps": model.steps_done, "batch_size": args.batch_size, "lr": args.lr, "mixture": MIXTURE,
                  "lengths": list(LENGTHS), "device": args.device, "init": args.init,
-                 "command": "python -m evals.train_demo " + " ".join(argv if argv is not None else sys.argv[1:])}
+                 "command": "python -m evals.tools.train_demo " + " ".join(argv if argv is not None else sys.argv[1:])}
         earlier = []
         if args.init and (Path(args.init) / name / "config.json").is_file():
             earlier = json.loads((Path(args.init) / name / "config.json").read_text()).get("recipe", {}).get("stages", [])

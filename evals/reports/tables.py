@@ -23,13 +23,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from evals.results import CheckpointResult, display_scale
+from evals.reports.results import CheckpointResult, display_scale
 
 Layout = Literal["table2", "table3", "table4", "table5"]
 Format = Literal["rich", "md", "latex", "csv"]
 LAYOUTS: tuple[str, ...] = ("table2", "table3", "table4", "table5")
 FORMATS: tuple[str, ...] = ("rich", "md", "latex", "csv")
-PAPER_TABLES = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper_tables.json"
+PAPER_TABLES = Path(__file__).resolve().parents[2] / "results" / "reference" / "paper_tables.json"
 PAPER_KEYS = {"table2": "table2_lm_commonsense", "table3": "table3_ruler_niah", "table4": "table4_recall_2k",
               "table5": "table5_ablations"}
 TITLES = {"table2": "Table 2: language modelling and zero-shot commonsense reasoning",

@@ -17,8 +17,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from evals.results import LENGTH_METRIC_RE, CheckpointResult
-from evals.tables import NIAH_HEADERS, NIAH_TASKS, TABLE4, average, cell_value
+from evals.reports.results import LENGTH_METRIC_RE, CheckpointResult
+from evals.reports.tables import NIAH_HEADERS, NIAH_TASKS, TABLE4, average, cell_value
 
 DPI = 120
 

@@ -2,7 +2,7 @@
 
 `python run_eval.py lm-eval-plugin install` writes a one-line .pth file into site-packages that imports this module
 at interpreter start. It does nothing then but wait for `lm_eval.models` (lm-eval's own model table) to be
-imported, and registers "gdn2" next to them as a lazy placeholder ("evals.backend:GDN2LM"), so no torch import
+imported, and registers "gdn2" next to them as a lazy placeholder ("evals.harness.backend:GDN2LM"), so no torch import
 happens unless the model is used. (Hooking the registry module itself would leave it non-empty too early, and
 lm-eval then skips importing its own models.)
 """
@@ -15,7 +15,7 @@ import sysconfig
 from pathlib import Path
 
 PTH_NAME = "gdn2_eval_lm_eval_plugin.pth"
-TARGET = "evals.backend:GDN2LM"
+TARGET = "evals.harness.backend:GDN2LM"
 
 
 def register() -> None:
@@ -57,7 +57,7 @@ def activate() -> None:
 
 def pth_line() -> str:
     # site.py executes .pth lines that start with "import"; a missing or foreign `evals` must stay silent
-    body = "try:\n    from evals import lm_eval_plugin\n    lm_eval_plugin.activate()\nexcept Exception:\n    pass"
+    body = "try:\n    from evals.harness import lm_eval_plugin\n    lm_eval_plugin.activate()\nexcept Exception:\n    pass"
     return f"import sys; exec({body!r})\n"
 
 

@@ -3,7 +3,7 @@
 For each checkpoint (and each gate mode when the suite ablates gates) the runner loads the model once, then for
 every task not already finished in OUT/<label>/: sets the task's BOS policy, builds the task through our task
 manager (offline data, per-task metadata such as NIAH lengths, the model's own tokenizer for sizing), runs
-`lm_eval.simple_evaluate` with a request-level cache (evals.request_cache: every finished request is committed to
+`lm_eval.simple_evaluate` with a request-level cache (evals.harness.request_cache: every finished request is committed to
 SQLite before the next batch), and stores the result. Killing a run (SIGINT or SIGKILL) loses at most the batch in
 flight; the same command resumes. A rerun whose settings change the numbers (RUN_KEYS, MODEL_KEYS, a task's
 metadata or BOS policy) is refused with ConfigMismatchError instead of mixing results in one folder.
@@ -22,9 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from evals import distributed, guards
-from evals.request_cache import durable_cache
-from evals.results import RunStore, json_safe
+from evals.harness import distributed, guards
+from evals.harness.request_cache import durable_cache
+from evals.reports.results import RunStore, json_safe
 
 # What decides a result (a change means different numbers); batch size, device and recurrence backend are
 # execution settings that may change between a run and its resumption.
@@ -142,7 +142,7 @@ def load_lm(checkpoint: str, spec: RunSpec, gate_mode: str):
             raise ValueError(f"{checkpoint}: gate modes apply to GDN-2 checkpoints only")
         return HFLM(pretrained=checkpoint[3:], device=spec.device or "cpu", batch_size=spec.batch_size,
                     dtype=spec.dtype, max_length=1 << 17)
-    from evals.backend import GDN2LM
+    from evals.harness.backend import GDN2LM
 
     try:
         return GDN2LM(checkpoint, device=distributed.local_device(spec.device), dtype=spec.dtype,

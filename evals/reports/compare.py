@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from evals.results import LENGTH_METRIC_RE, MISSING_LENGTH_VALUE, CheckpointResult, display_scale, is_perplexity
-from evals.tables import COLUMNS
+from evals.reports.results import LENGTH_METRIC_RE, MISSING_LENGTH_VALUE, CheckpointResult, display_scale, is_perplexity
+from evals.reports.tables import COLUMNS
 
 Outcome = Literal["win", "loss", "tie", "n/a"]
 # Metrics compared for a task the tables do not know, first present wins.

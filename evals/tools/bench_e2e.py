@@ -241,7 +241,7 @@ def _gib(nbytes: float) -> float:
 def copy_bandwidth(device: str) -> float:
     """Copy bandwidth in bytes/s (read + write) of one large copy on `device`."""
     if str(device).startswith("cuda"):
-        from evals.bench_kernels import copy_bandwidth as cuda_copy_bandwidth
+        from evals.tools.bench_kernels import copy_bandwidth as cuda_copy_bandwidth
 
         return cuda_copy_bandwidth()
     x = torch.randn(1 << 24)
@@ -276,7 +276,7 @@ class Harness:
 
 def load_ours(folder: Path, device: str, dtype: str, batch_size: int, max_batch_tokens: int,
               prefill_chunk: int) -> Harness:
-    from evals.backend import GDN2LM
+    from evals.harness.backend import GDN2LM
 
     lm = GDN2LM(checkpoint=str(folder), device=device, dtype=dtype, bos="false", batch_size=batch_size,
                 max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk)
@@ -682,7 +682,7 @@ def _check_device(device: str) -> str:
 
 
 def run(args: argparse.Namespace) -> Report:
-    from evals.backend import _dtype
+    from evals.harness.backend import _dtype
 
     if args.render:
         report = read_report(Path(args.render))

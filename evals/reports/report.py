@@ -9,10 +9,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from evals.compare import compare_all, render_compare
-from evals.plots import niah_grid, plot_niah_curves, plot_niah_heatmap, plot_recall_bars, safe_filename
-from evals.results import CheckpointResult, atomic_write_text
-from evals.tables import LAYOUTS, has_cells, render_table
+from evals.reports.compare import compare_all, render_compare
+from evals.reports.plots import niah_grid, plot_niah_curves, plot_niah_heatmap, plot_recall_bars, safe_filename
+from evals.reports.results import CheckpointResult, atomic_write_text
+from evals.reports.tables import LAYOUTS, has_cells, render_table
 
 SHOWN_CONFIG = ("checkpoint", "format", "gate_mode", "dtype", "device", "seed", "limit")
 

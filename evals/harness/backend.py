@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from evals import guards
+from evals.harness import guards
 from gdn2.generate import StepperCache, greedy_blocks
 from gdn2.model import GPT
 from gdn2.tokenizer import Tokenizer

@@ -1,0 +1,1 @@
+"""Reports from stored results: the results schema, tables, comparisons, plots and the Markdown report."""

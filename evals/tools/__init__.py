@@ -1,0 +1,1 @@
+"""Tools: speed benchmarks and demo-checkpoint training."""
