@@ -33,12 +33,63 @@ LENGTH_METRIC_RE = re.compile(r"^\d+$")
 MISSING_LENGTH_VALUE = -1.0
 
 
+class ModelInfo(TypedDict, total=False):
+    """config.json["model"]: the LM's ``describe()`` (GDN2LM, or the hf: baseline wrapper). Readers take the
+    checkpoint's format, dtype, device and content hash from here."""
+
+    checkpoint: str
+    format: str  # "gdn2", "fla", "hf", "demo", ...
+    sha256: str | None  # content hash of the weight files
+    dtype: str
+    device: str
+    bos: str
+    tokenizer: str
+    tokenizer_sha256: str | None
+    gate_mode: str
+    recurrence_backend: str
+    batch_size: int | str
+    max_batch_tokens: int
+    model_config: dict[str, Any]
+    num_parameters: int
+    transformers_version: str
+
+
+class RunConfig(TypedDict, total=False):
+    """config.json: everything the runner resolved for one label (written by the runner, read by the reports).
+
+    ``identity`` is the run identity (evals.harness.identity; what a resume must match), ``per_task`` each task's
+    own part of it (metadata, config overrides, BOS policy), ``weight_files`` [path, size, mtime_ns] triples for
+    the cheap change test on resume.
+    """
+
+    checkpoint: str  # the spec as given: a path, "demo:NAME" or "hf:PATH"
+    label: str
+    suite: str | None
+    tasks: list[str]
+    gate_mode: str
+    limit: int | float | None
+    seed: int
+    data_dir: str | None
+    task_metadata: dict[str, dict[str, Any]]
+    task_config: dict[str, dict[str, Any]]
+    bos_by_task: dict[str, str]
+    model_args: str | dict[str, Any] | None  # lm-eval style "pretrained=...,dtype=..." (or its parsed dict)
+    gen_kwargs: str | dict[str, Any] | None
+    num_fewshot: int | None
+    model: ModelInfo
+    identity: dict[str, Any]
+    per_task: dict[str, dict[str, Any]]
+    weight_files: list[list[Any]]
+
+
 class RunMeta(TypedDict, total=False):
     """meta.json. Keys beyond these come from the runner's ``meta_extra`` and are kept as given."""
 
-    checkpoint_hash: str
+    sha256: str | None  # weights content hash (same as config["model"]["sha256"]); older folders: checkpoint_hash
     versions: dict[str, str]
     timings: dict[str, float]  # task -> seconds
+    finished: dict[str, str]  # task -> ISO time
+    load_seconds: float
     tasks_done: list[str]
     complete: bool
 
