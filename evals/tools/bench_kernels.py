@@ -41,12 +41,15 @@ def _bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
 
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (1 GiB buffers)."""
-    x = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    bw = 2 * x.numel() * x.element_size() / (_bench_ms(lambda: y.copy_(x)) * 1e-3)
-    del x, y
-    torch.cuda.empty_cache()
+    bw = _copy_bandwidth(1 << 29)
+    torch.cuda.empty_cache()  # the buffers died with _copy_bandwidth's frame
     return bw
+
+
+def _copy_bandwidth(n: int) -> float:
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * x.element_size() / (_bench_ms(lambda: y.copy_(x)) * 1e-3)
 
 
 def _fla():
@@ -103,9 +106,7 @@ def bench_prefill(B: int, T: int, H: int, K: int, V: int, bw: float, fla: dict |
                                                                         use_qk_l2norm_in_kernel=True)[0])
     nbytes = B * T * H * (3 * K * 2 + 4 * K + 2 * V * 2 + V * 2)  # q,k,b bf16 + g fp32 + v,w bf16 in; o out
     row["floor_ms"] = nbytes / bw * 1e3
-    del q, k, v, g, b, w, beta
-    torch.cuda.empty_cache()
-    return row
+    return row  # the caller empties the CUDA cache once these inputs are gone
 
 
 def _graph_ms(fn) -> float:
@@ -256,6 +257,7 @@ def run(args: argparse.Namespace) -> Report:
     report = Report(env=environment(bw))
     for B, T in shapes:
         report.prefill.append(bench_prefill(B, T, args.heads, args.dk, args.dv, bw, fla))
+        torch.cuda.empty_cache()
     for B in args.decode_batches:
         report.decode.append(bench_decode(B, args.heads, args.dk, args.dv, bw, fla))
     text = render(report)
@@ -285,8 +287,14 @@ def add_cli(bench_subparsers) -> argparse.ArgumentParser:
     p = bench_subparsers.add_parser("kernels", help="time the Triton prefill/decode kernels against fla-core",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=_cli)
     return p
+
+
+def _cli(args: argparse.Namespace) -> int:
+    """run_eval.py's exit status: 0 once the table is printed (run returns the Report, for Python callers)."""
+    run(args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> Report:

@@ -36,6 +36,22 @@ def _interpreted(mod) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def tf32_enabled() -> bool:
+    """Whether fp32 matmuls may use tf32 here: read through torch.get_float32_matmul_precision, which old torch and
+    torch >= 2.9 (where the legacy `allow_tf32` flag and the new `fp32_precision` must not be mixed) both keep."""
+    return CUDA and torch.get_float32_matmul_precision() != "highest"
+
+
+@pytest.fixture
+def set_tf32():
+    """set_tf32(on) for one test, restored after. torch.set_float32_matmul_precision sets the legacy allow_tf32 and
+    the new fp32_precision alike (monkeypatching `torch.backends.cuda.matmul.allow_tf32` fails at teardown: the
+    attribute lives in a __getattr__, and newer pytest undoes it with delattr)."""
+    kept = torch.get_float32_matmul_precision()
+    yield lambda on: torch.set_float32_matmul_precision("high" if on else "highest")
+    torch.set_float32_matmul_precision(kept)
+
+
 chunk_mod, recurrent_mod = _kernels()
 chunk_gdn2_triton = chunk_mod.chunk_gdn2_triton
 fused_recurrent_step_triton = recurrent_mod.fused_recurrent_step_triton
@@ -102,7 +118,7 @@ SMALL = [  # B, T, H, HV, dk, dv, gate_heads, decay, b_max, with_state
 def test_chunk_fp32_small(B, T, H, HV, dk, dv, gh, decay, b_max, with_state):
     x64 = gates(B, T, H, HV, dk, dv, gate_heads=gh, decay=decay, b_max=b_max, seed=T)
     S0 = torch.randn(B, HV, dk, dv, dtype=torch.float64, device=DEV) if with_state else None
-    tol = TOL["exact"] if not CUDA or not torch.backends.cuda.matmul.allow_tf32 else TOL["tf32"]
+    tol = TOL["tf32"] if tf32_enabled() else TOL["exact"]
     check_chunk(x64, torch.float32, tol, S0=S0)
 
 
@@ -141,8 +157,8 @@ def test_chunk_paper_shape_bf16(B, T):
 
 @gpu
 @pytest.mark.parametrize("allow_tf32", [False, True])
-def test_chunk_paper_shape_fp32(allow_tf32, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+def test_chunk_paper_shape_fp32(allow_tf32, set_tf32):
+    set_tf32(allow_tf32)
     x64 = gates(2, 333, 16, 16, 128, 128, decay=1.0, b_max=2.0, seed=11)
     S0 = torch.randn(2, 16, 128, 128, dtype=torch.float64, device=DEV)
     check_chunk(x64, torch.float32, TOL["tf32" if allow_tf32 else "exact"], S0=S0)
@@ -150,8 +166,8 @@ def test_chunk_paper_shape_fp32(allow_tf32, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("seed", range(12))
-def test_chunk_random_cases(seed, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_chunk_random_cases(seed, set_tf32):
+    set_tf32(False)
     rng = random.Random(seed)
     H = rng.choice([1, 2, 4])
     HV = H * rng.choice([1, 2])
@@ -167,8 +183,8 @@ def test_chunk_random_cases(seed, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_chunk_varlen_gpu(dtype, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_chunk_varlen_gpu(dtype, set_tf32):
+    set_tf32(False)
     lengths = [1, 64, 0, 200, 37, 129, 1000]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
     x64 = gates(1, sum(lengths), 4, 8, 64, 64, decay=2.0, b_max=2.0, seed=3)
