@@ -6,14 +6,17 @@
   - a path to one of those files
 Every tokenizer exposes the same small interface: encode(text) -> list[int] without special tokens,
 encode_batch(texts) (the same, for many texts at once: the file-based ones encode them in parallel),
-decode(ids) -> str, bos_id, eos_id, vocab_size, name. BOS is never added implicitly: whether a sequence
-starts with BOS is the caller's explicit policy (the official pipelines differ, see the checkpoint spec).
+decode(ids) -> str, bos_id, eos_id, vocab_size, name, sha256 (a content hash: the same files give the same hash
+wherever they lie, so a results folder made with them resumes from another clone or path). BOS is never added
+implicitly: whether a sequence starts with BOS is the caller's explicit policy (the official pipelines differ,
+see the checkpoint spec).
 The file-based tokenizers also report `add_bos`: whether the Hugging Face call that the official stream pipeline
 made (default add_special_tokens) puts BOS before a document - `add_bos_token` of tokenizer_config.json when
 present, else what the tokenizer.json post-processor does, else the Llama convention (True) for SentencePiece.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -21,6 +24,7 @@ from typing import Protocol, Sequence
 
 class Tokenizer(Protocol):
     name: str
+    sha256: str
     bos_id: int | None
     eos_id: int | None
     vocab_size: int
@@ -36,6 +40,7 @@ class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; 256 = BOS, 257 = EOS, 258 = PAD. Lossless, no files needed."""
 
     name = "byte"
+    sha256 = hashlib.sha256(b"gdn2 byte tokenizer: 256 bytes + BOS 256, EOS 257, PAD 258").hexdigest()
     bos_id = 256
     eos_id = 257
     pad_id = 258
@@ -56,6 +61,7 @@ class SentencePieceTokenizer:
         import sentencepiece as spm
 
         self.name = str(path)
+        self.sha256 = files_sha256(path)
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
@@ -80,6 +86,7 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tok
 
         self.name = str(path)
+        self.sha256 = files_sha256(path)
         self.tok = _Tok.from_file(str(path))
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         cfg = _tokenizer_config(path)
@@ -102,6 +109,51 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def files_sha256(path: Path) -> str:
+    """Content hash of a tokenizer file and the tokenizer_config.json beside it (BOS/EOS and add_bos come from
+    there); file names enter as roles, not paths, so a copy elsewhere hashes the same."""
+    h = hashlib.sha256()
+    config = path.parent / "tokenizer_config.json"
+    for role, f in (("tokenizer" + path.suffix, path), ("tokenizer_config.json", config)):
+        if f.is_file():
+            h.update(f"{role} {_file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_file(spec: str | Path) -> Path | None:
+    """The file load_tokenizer(spec) would read (None for "byte"), without loading it; errors as load_tokenizer."""
+    if str(spec) == "byte":
+        return None
+    path = Path(spec)
+    if path.is_dir():
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (path / name).exists():
+                return path / name
+        raise FileNotFoundError(
+            f"no tokenizer in {path}: expected tokenizer.model or tokenizer.json there "
+            "(pass --tokenizer PATH to use another one)"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer not found: {path} (pass 'byte' or a folder with tokenizer files)")
+    if path.suffix not in (".model", ".json"):
+        raise ValueError(f"unknown tokenizer file {path}: expected tokenizer.model or tokenizer.json")
+    return path
+
+
+def tokenizer_sha256(spec: str | Path) -> str:
+    """What load_tokenizer(spec).sha256 gives, from the files alone (no tokenizer is built)."""
+    path = tokenizer_file(spec)
+    return ByteTokenizer.sha256 if path is None else files_sha256(path)
+
+
 def _tokenizer_config(path: Path) -> dict:
     """tokenizer_config.json beside a tokenizer file, or {} when absent or unreadable."""
     cfg_path = path.parent / "tokenizer_config.json"
@@ -122,21 +174,7 @@ def _token_str(tok: object) -> str | None:
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
     """Load a tokenizer from "byte", a folder, or a tokenizer.model / tokenizer.json file."""
-    if str(spec) == "byte":
+    path = tokenizer_file(spec)
+    if path is None:
         return ByteTokenizer()
-    path = Path(spec)
-    if path.is_dir():
-        for name in ("tokenizer.model", "tokenizer.json"):
-            if (path / name).exists():
-                return load_tokenizer(path / name)
-        raise FileNotFoundError(
-            f"no tokenizer in {path}: expected tokenizer.model or tokenizer.json there "
-            "(pass --tokenizer PATH to use another one)"
-        )
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer not found: {path} (pass 'byte' or a folder with tokenizer files)")
-    if path.suffix == ".model":
-        return SentencePieceTokenizer(path)
-    if path.suffix == ".json":
-        return HFTokenizer(path)
-    raise ValueError(f"unknown tokenizer file {path}: expected tokenizer.model or tokenizer.json")
+    return SentencePieceTokenizer(path) if path.suffix == ".model" else HFTokenizer(path)
