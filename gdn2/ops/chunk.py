@@ -29,16 +29,18 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn2.ops.chunk_mild import MILD_RANGE, _mild_intra_chunk_kernel
 from gdn2.ops.chunk_torch import chunk_gdn2_torch
-from gdn2.ops.triton_utils import (
-    MAX_HEAD_DIM, block_size, check_device, fp32_dot_precision, head_groups, interpreting,
-)
+from gdn2.ops.triton_utils import MAX_HEAD_DIM, block_size, check_device, fp32_dot_precision, head_groups, interpreting
 from gdn2.ops.utils import packing_memo
 
 CHUNK = 64  # tokens per chunk: four sub-blocks of 16 rows
 # Launch settings, tuned on an H200 at H=16, dk=dv=128 (evals/bench_kernels.py); a dict so a sweep can override them.
 # diag_dc: key channels per step of the exact (strong-decay) diagonal-block product.
-LAUNCH = dict(intra_warps=8, diag_dc=16, state_bv=64, state_warps=8, state_stages=3)
+# mild: 16-bit inputs take the bf16 mild-decay kernel (chunk_mild.py), strong chunks the exact one via a worklist.
+# state_bv 0: chosen per call for about `state_programs` programs (_state_block).
+LAUNCH = dict(intra_warps=8, diag_dc=16, state_bv=64, state_warps=8, state_stages=3, state_programs=120,
+              mild=True, mild_warps=8, mild_stages=1, worklist_programs=264)
 # Largest log-decay across a 16-row sub-block for which its diagonal block comes from one product: the lifted keys
 # carry factors up to e^20, whose rounding stays far below fp32 test tolerance; stronger decays go channel by channel.
 SAFE_SUB_DECAY = 20.0
@@ -173,17 +175,16 @@ def _block_ptr(ptr, i, j, BC: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def _intra_chunk_kernel(
-    q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T, TT,
+def _intra_chunk_exact(
+    i_c, i_bh, NC, q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T, TT,
     H, HV, HG, HB,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr, PREC: tl.constexpr, DIAG_DC: tl.constexpr,
     SAFE: tl.constexpr,
 ):
+    """Chunk i_c of batch-head i_bh (NC chunks per row when not varlen), exact for any decay."""
     BC: tl.constexpr = 16
     BT: tl.constexpr = 64
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
     hv = i_bh % HV
     if IS_VARLEN:
         n = tl.load(chunk_indices + 2 * i_c)
@@ -195,7 +196,7 @@ def _intra_chunk_kernel(
         bos = (i_bh // HV) * T
         L = T
         i_t = i_c
-        chunk_id = (i_bh // HV) * tl.num_programs(0) + i_c
+        chunk_id = (i_bh // HV) * NC + i_c
     hk = hv // (HV // H)
     hg = hv // (HV // HG)
     hb = hv // (HV // HB)
@@ -273,6 +274,36 @@ def _intra_chunk_kernel(
 
 
 @triton.jit
+def _intra_chunk_kernel(
+    q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T, TT,
+    H, HV, HG, HB,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr, PREC: tl.constexpr, DIAG_DC: tl.constexpr,
+    SAFE: tl.constexpr,
+):
+    """One program per chunk and batch-head: every chunk the exact way (fp32 and fp16 inputs)."""
+    _intra_chunk_exact(tl.program_id(0), tl.program_id(1), tl.num_programs(0), q, k, v, g, b, w, Qs, Y, Kt, U,
+                       Oi, gC, TA, cu_seqlens, chunk_indices, scale, T, TT, H, HV, HG, HB, DK, DV, BK, BV,
+                       IS_VARLEN, USE_L2NORM, PREC, DIAG_DC, SAFE)
+
+
+@triton.jit
+def _intra_chunk_worklist_kernel(
+    work, work_count, NC, q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T, TT,
+    H, HV, HG, HB,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr, PREC: tl.constexpr, DIAG_DC: tl.constexpr,
+    SAFE: tl.constexpr,
+):
+    """The chunks the mild kernel left (chunk_mild.py), read from its worklist on the device: a fixed grid of
+    programs walks however many there are, so the host never waits to learn the count."""
+    for item in range(tl.program_id(0), tl.load(work_count), tl.num_programs(0)):
+        _intra_chunk_exact(tl.load(work + 2 * item), tl.load(work + 2 * item + 1), NC, q, k, v, g, b, w, Qs, Y, Kt,
+                           U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T, TT, H, HV, HG, HB, DK, DV, BK, BV,
+                           IS_VARLEN, USE_L2NORM, PREC, DIAG_DC, SAFE)
+
+
+@triton.jit
 def _state_pass_kernel(
     Qs, Y, Kt, U, Oi, gC, o, h0, ht, cu_seqlens, chunk_offsets, T, TT,
     HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -321,6 +352,17 @@ def _state_pass_kernel(
         S = S * decay[:, None] + tl.dot(tl.trans(kt), R.to(kt.dtype), input_precision=PREC)
     if STORE_HT:
         tl.store(ht + s_off, S, mask=s_mask)
+
+
+def _state_block(sequence_heads: int, dv: int, bv: int) -> int:
+    """State columns per program of the state pass: LAUNCH["state_bv"], or (0) the widest block that still gives
+    about one wave of programs (one S slice per program walks the whole sequence, so programs are the
+    parallelism)."""
+    if LAUNCH["state_bv"]:
+        return min(bv, LAUNCH["state_bv"])
+    while bv > 16 and triton.cdiv(dv, bv) * sequence_heads < LAUNCH["state_programs"]:
+        bv //= 2
+    return bv
 
 
 def _chunk_layout(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> tuple[int, torch.Tensor | None,
@@ -402,16 +444,26 @@ def chunk_gdn2_triton(
     o = torch.empty(B, T, HV, DV, dtype=v.dtype, device=dev)
     ht = torch.empty(N, HV, DK, DV, dtype=torch.float32, device=dev) if output_final_state else None
     h0 = initial_state.float().contiguous() if initial_state is not None else None
+    common = dict(H=H, HV=HV, HG=HG, HB=HB, DK=DK, DV=DV, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
+                  USE_L2NORM=use_qk_l2norm)
+    exact_args = dict(PREC=prec, DIAG_DC=min(LAUNCH["diag_dc"], BK), SAFE=SAFE_SUB_DECAY,
+                      num_warps=LAUNCH["intra_warps"] if BK * BV > 64 * 64 else 4)
     if TT > 0 and NC > 0:
         grid1 = (NC, B * HV) if cu_seqlens is None else (NC, HV)
-        _intra_chunk_kernel[grid1](
-            q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T, TT,
-            H=H, HV=HV, HG=HG, HB=HB, DK=DK, DV=DV, BK=BK, BV=BV,
-            IS_VARLEN=cu_seqlens is not None, USE_L2NORM=use_qk_l2norm, PREC=prec,
-            DIAG_DC=min(LAUNCH["diag_dc"], BK), SAFE=SAFE_SUB_DECAY,
-            num_warps=LAUNCH["intra_warps"] if BK * BV > 64 * 64 else 4,
-        )
-    BVS = min(BV, LAUNCH["state_bv"])
+        if v.dtype == torch.bfloat16 and LAUNCH["mild"]:  # bf16's range holds the anchored factors (chunk_mild.py)
+            work = torch.empty(2 * grid1[0] * grid1[1], dtype=torch.int32, device=dev)
+            count = torch.zeros(1, dtype=torch.int32, device=dev)
+            _mild_intra_chunk_kernel[grid1](
+                q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, work, count, cu_seqlens, chunk_indices, scale, T, TT,
+                MILD=MILD_RANGE, num_warps=LAUNCH["mild_warps"], num_stages=LAUNCH["mild_stages"], **common)
+            _intra_chunk_worklist_kernel[(min(grid1[0] * grid1[1], LAUNCH["worklist_programs"]),)](
+                work, count, NC, q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T,
+                TT, **common, **exact_args)
+        else:
+            _intra_chunk_kernel[grid1](
+                q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T, TT,
+                **common, **exact_args)
+    BVS = _state_block(N * HV, DV, BV)
     grid2 = (triton.cdiv(DV, BVS), HV, N)
     if N > 0:
         _state_pass_kernel[grid2](

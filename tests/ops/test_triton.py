@@ -23,17 +23,18 @@ from tests.conftest import rel_err  # noqa: E402
 def _kernels():
     """The kernel modules, (re)built under the interpreter when this process has no GPU."""
     mods = []
-    for name in ("gdn2.ops.chunk", "gdn2.ops.recurrent"):
+    for name in ("gdn2.ops.chunk_mild", "gdn2.ops.chunk", "gdn2.ops.recurrent"):
         mod = importlib.import_module(name)
         if not CUDA and not _interpreted(mod):
             mod = importlib.reload(mod)
         mods.append(mod)
-    return mods
+    return mods[1:]
 
 
 def _interpreted(mod) -> bool:
-    kernel = getattr(mod, "_intra_chunk_kernel", None) or getattr(mod, "_decode_step_kernel")
-    return type(kernel).__name__ == "InterpretedFunction"
+    probes = ("_intra_chunk_kernel", "_mild_intra_chunk_kernel", "_decode_step_kernel")
+    name = next(n for n in probes if hasattr(mod, n))
+    return type(getattr(mod, name)).__name__ == "InterpretedFunction"
 
 
 def tf32_enabled() -> bool:
@@ -127,6 +128,24 @@ def test_chunk_bf16_small_no_l2norm():
     x64[0] = x64[0] / x64[0].norm(dim=-1, keepdim=True)
     x64[1] = x64[1] / x64[1].norm(dim=-1, keepdim=True)
     check_chunk(x64, torch.bfloat16, TOL["half"], l2norm=False, scale=0.7)
+
+
+@pytest.mark.parametrize("decay,mild_rows", [(0.5, 200), (3.0, 64), (20.0, 0)], ids=["mild", "mixed", "strong"])
+def test_chunk_bf16_mild_path_and_worklist(decay, mild_rows):
+    """bf16 inputs take the mild-decay kernel; chunks whose decay passes MILD_RANGE go to the exact kernel through
+    the worklist. Mild, strong and mixed chunks (and a partial last chunk) all match the reference."""
+    x64 = gates(1, 200, 2, 2, 32, 16, decay=decay, b_max=2.0, seed=11)
+    x64[3][:, :mild_rows] *= 0.01 / decay  # the first rows decay mildly
+    S0 = torch.randn(1, 2, 32, 16, dtype=torch.float64, device=DEV)
+    check_chunk(x64, torch.bfloat16, TOL["half"], S0=S0)
+
+
+def test_chunk_bf16_varlen_mixed_decays():
+    cu = torch.tensor([0, 1, 65, 65, 190], dtype=torch.int32, device=DEV)
+    x64 = gates(1, 190, 1, 2, 16, 32, decay=4.0, b_max=1.0, seed=12)
+    x64[3][:, :100] *= 0.01
+    S0 = torch.randn(4, 2, 16, 32, dtype=torch.float64, device=DEV)
+    check_chunk(x64, torch.bfloat16, TOL["half"], S0=S0, cu_seqlens=cu)
 
 
 def test_chunk_varlen_small():

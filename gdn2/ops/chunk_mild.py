@@ -1,0 +1,130 @@
+"""The intra-chunk pass of the Triton prefill for 16-bit inputs whose chunk decays are mild: 64-row bf16 products.
+
+Inside a chunk (64 rows, local cumulative log-decay G per key channel, G_C its last row) every pairwise decay ratio
+exp(G_r - G_s) factorises around the anchor m = G_C / 2:
+
+    E~ = b k e^(G - m)      Q~ = q e^(G - m)      K~ = k e^(m - G)          (every factor <= e^(R/2))
+    T  = strict_lower(E~ K~^T)                    Aqk = lower(Q~ K~^T)
+
+with R = max over channels of -G_C. While R <= MILD_RANGE (80) no factor passes e^40 and no masked product e^80,
+far inside the range of bf16 and fp32, so T and Aqk are two 64 x 64 x dk products with bf16 operands and fp32
+accumulation, like fla's. The rest is the exact kernel's algebra (chunk.py), also as 64-row products:
+
+    A = (I + T)^-1 (fp32, tf32 dots)   Y = A (b k e^G)   U = A (w v)   Oi = Aqk U
+    Qs = q e^G - Aqk Y (rounded once)  Kt = k e^(G_C - G)              gC = G_C
+
+A chunk with R > MILD_RANGE (a decay of more than e^-80 across 64 tokens on some channel) is not computed here: its
+program appends it to a worklist that the exact kernel then walks (chunk.py), so every input gets the exact result
+for strong decays and the fast one for everything else. One program per chunk and value head, 8 warps.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MILD_RANGE = 80.0
+
+
+@triton.jit
+def _tile(ptr, tok, rmask, head, NH, D: tl.constexpr, BD: tl.constexpr):
+    """Rows `tok` of head `head` of a token-major [.., NH, D] input, in fp32 (zeros outside the sequence)."""
+    c = tl.arange(0, BD)
+    return tl.load(ptr + (tok * NH + head)[:, None] * D + c[None, :], mask=rmask[:, None] & (c < D)[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, x, tok, rmask, hv, TT, D: tl.constexpr, BD: tl.constexpr):
+    """x into rows `tok` of a head-major [HV, TT, D] intermediate."""
+    c = tl.arange(0, BD)
+    tl.store(ptr + (hv * TT + tok)[:, None] * D + c[None, :], x.to(ptr.dtype.element_ty),
+             mask=rmask[:, None] & (c < D)[None, :])
+
+
+@triton.jit
+def _inverse4(N, eye):
+    """(I + N)^-1 = (I - N)(I + N^2) for N with N^4 = 0."""
+    return tl.dot(eye - N, eye + tl.dot(N, N, input_precision="tf32"), input_precision="tf32")
+
+
+@triton.jit
+def _unit_lower_inverse(Tm, BT: tl.constexpr):
+    """(I + Tm)^-1 for strictly lower Tm [64, 64]: the 4 x 4 diagonal blocks first, then 16 x 16, then 64 x 64,
+    each step (I + D + F)^-1 = (I + N)^-1 (I + D)^-1 with N = (I + D)^-1 F nilpotent of index 4."""
+    rows = tl.arange(0, BT)
+    eye = (rows[:, None] == rows[None, :]).to(tl.float32)
+    in4 = (rows // 4)[:, None] == (rows // 4)[None, :]
+    in16 = (rows // 16)[:, None] == (rows // 16)[None, :]
+    inv = _inverse4(tl.where(in4, Tm, 0.0), eye)
+    N = tl.dot(inv, tl.where(in16 & ~in4, Tm, 0.0), input_precision="tf32")
+    inv = tl.dot(_inverse4(N, eye), inv, input_precision="tf32")
+    N = tl.dot(inv, tl.where(in16, 0.0, Tm), input_precision="tf32")
+    return tl.dot(_inverse4(N, eye), inv, input_precision="tf32")
+
+
+@triton.jit
+def _mild_intra_chunk_kernel(
+    q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, work, work_count, cu_seqlens, chunk_indices, scale, T, TT,
+    H, HV, HG, HB,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr, MILD: tl.constexpr,
+):
+    BT: tl.constexpr = 64
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    hv = i_bh % HV
+    if IS_VARLEN:
+        n = tl.load(chunk_indices + 2 * i_c)
+        i_t = tl.load(chunk_indices + 2 * i_c + 1)
+        bos = tl.load(cu_seqlens + n).to(tl.int32)
+        L = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
+        chunk_id = i_c
+    else:
+        bos = (i_bh // HV) * T
+        L = T
+        i_t = i_c
+        chunk_id = (i_bh // HV) * tl.num_programs(0) + i_c
+    hk = hv // (HV // H)
+    hg = hv // (HV // HG)
+    hb = hv // (HV // HB)
+    rows = tl.arange(0, BT)
+    rt = i_t * BT + rows
+    mt = rt < L
+    tt = bos + rt
+    ck = tl.arange(0, BK)
+
+    G = tl.cumsum(_tile(g, tt, mt, hg, HG, DK, BK), 0)  # rows past the end add 0: the last row is G_C
+    GC = tl.sum(tl.where(rows[:, None] == BT - 1, G, 0.0), 0)
+    tl.store(gC + ((chunk_id * HV + hv) * 5 + 4) * DK + ck, GC, mask=ck < DK)
+    if tl.max(-GC, 0) > MILD:  # a strong decay: leave this chunk to the exact kernel
+        slot = tl.atomic_add(work_count, 1)
+        tl.store(work + 2 * slot, i_c)
+        tl.store(work + 2 * slot + 1, i_bh)
+        return
+    m = 0.5 * GC
+
+    kk = _tile(k, tt, mt, hk, H, DK, BK)
+    if USE_L2NORM:
+        kk = kk * tl.rsqrt(tl.sum(kk * kk, 1) + 1e-6)[:, None]
+    _store(Kt, kk * tl.exp(GC[None, :] - G), tt, mt, hv, TT, DK, BK)
+    Kn = (kk * tl.exp(m[None, :] - G)).to(Kt.dtype.element_ty)
+    up = tl.exp(G - m[None, :])
+    E = _tile(b, tt, mt, hb, HB, DK, BK) * kk * up
+    qq = _tile(q, tt, mt, hk, H, DK, BK)
+    if USE_L2NORM:
+        qq = qq * (tl.rsqrt(tl.sum(qq * qq, 1) + 1e-6) * scale)[:, None]
+    else:
+        qq = qq * scale
+    Tm = tl.dot(E.to(Kn.dtype), tl.trans(Kn))
+    Tm = tl.where(rows[:, None] > rows[None, :], Tm, 0.0)
+    Aqk = tl.dot((qq * up).to(Kn.dtype), tl.trans(Kn))
+    Aqk = tl.where(rows[:, None] >= rows[None, :], Aqk, 0.0).to(Kn.dtype)
+
+    A = _unit_lower_inverse(Tm, BT).to(Kn.dtype)
+    Yc = tl.dot(A, (E * tl.exp(m)[None, :]).to(Kn.dtype))
+    _store(Y, Yc, tt, mt, hv, TT, DK, BK)
+    _store(Qs, qq * tl.exp(G) - tl.dot(Aqk, Yc.to(Kn.dtype)), tt, mt, hv, TT, DK, BK)
+    vw = _tile(v, tt, mt, hv, HV, DV, BV) * _tile(w, tt, mt, hv, HV, DV, BV)
+    Uc = tl.dot(A, vw.to(Kn.dtype))
+    _store(U, Uc, tt, mt, hv, TT, DV, BV)
+    _store(Oi, tl.dot(Aqk, Uc.to(Kn.dtype)), tt, mt, hv, TT, DV, BV)
