@@ -19,9 +19,20 @@ def block_size(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 CUDA matmuls use tf32. torch >= 2.9 has a per-backend `fp32_precision` ("ieee",
+    "tf32", or "none" = not set: ieee) and raises on reading the legacy `allow_tf32` once the new API was used;
+    older torch has only `allow_tf32`."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+
+
 def fp32_dot_precision(dtype: torch.dtype) -> str:
     """Dot precision for fp32 operands: exact ("ieee") for fp32 inputs unless torch allows tf32; tf32 otherwise."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 
