@@ -5,6 +5,9 @@
     triton      chunked prefill and fused decode kernels (chunk.py, recurrent.py): CUDA only
     auto        triton on CUDA when it is importable, torch elsewhere
 
+Sliding-window attention over a ring buffer (swa.py, swa_triton.py) has the same backends: naive (a loop over
+sequences), torch (vectorised, exact), triton (fused kernels); see sliding_window_attention below.
+
 The tied special cases (KDA, Gated DeltaNet, no-delta) are the same function with particular gates; the helpers
 below build those gates so that every model family runs on the same kernels.
 """
@@ -14,6 +17,7 @@ import torch
 
 from gdn2.ops.chunk_torch import chunk_gdn2_torch
 from gdn2.ops.naive import naive_recurrent_gdn2
+from gdn2.ops.swa import swa_prefill_naive, swa_prefill_torch, swa_step_torch, swa_write_torch
 from gdn2.ops.utils import check_inputs, expand_heads, l2norm, packing_memo
 
 __all__ = [
@@ -27,6 +31,9 @@ __all__ = [
     "triton_available",
     "describe_packing",
     "l2norm",
+    "sliding_window_attention",
+    "sliding_window_write",
+    "sliding_window_attention_step",
 ]
 
 BACKENDS = ("auto", "naive", "torch", "triton")
@@ -175,3 +182,65 @@ def no_delta(q, k, v, g, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     b = torch.zeros_like(g, dtype=k.dtype)
     w = torch.ones_like(v)
     return gated_delta_rule2(q, k, v, g, b, w, **kwargs)
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos0: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    window: int,
+    *,
+    cache_rows: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal sliding-window attention of packed sequences that continue a ring buffer (gdn2/ops/swa.py).
+
+    Args:
+        q, k, v: [total, nh, hs] packed queries, keys, values (rotary embedding applied), sequences delimited by
+            cu_seqlens [N + 1].
+        k_cache, v_cache: [M, window - 1, nh, hs] ring buffers: the key of absolute position p in slot
+            p % (window - 1). Read only.
+        pos0: [N] int64 absolute position of each sequence's first token (= tokens its ring row has seen).
+        window: query p sees keys max(0, p - window + 1) .. p.
+        cache_rows: [N] ring row of each sequence (several sequences may share one: continuations of one context
+            read it by reference); None: row n.
+        backend: "auto", "naive", "torch" or "triton".
+
+    Returns:
+        o: [total, nh, hs] in q's dtype.
+    """
+    name = resolve_backend(backend, q.device)
+    args = (q, k, v, k_cache, v_cache, pos0, cu_seqlens, window, cache_rows, scale)
+    if name == "naive":
+        return swa_prefill_naive(*args)
+    if name == "torch":
+        return swa_prefill_torch(*args)
+    from gdn2.ops.swa_triton import swa_prefill_triton
+
+    return swa_prefill_triton(*args)
+
+
+def sliding_window_write(k, v, k_cache, v_cache, pos0, cu_seqlens, *, backend: str = "auto") -> None:
+    """Store each packed sequence's last min(L, window - 1) keys and values into ring rows 0..N-1 (in place)."""
+    if resolve_backend(backend, k.device) == "triton":
+        from gdn2.ops.swa_triton import swa_write_triton
+
+        return swa_write_triton(k, v, k_cache, v_cache, pos0, cu_seqlens)
+    return swa_write_torch(k, v, k_cache, v_cache, pos0, cu_seqlens)
+
+
+def sliding_window_attention_step(q, k, v, k_cache, v_cache, pos, window: int, *, scale: float | None = None,
+                                  backend: str = "auto") -> torch.Tensor:
+    """One query per row (q, k, v [B, nh, hs], absolute positions pos [B]) over its ring row and itself; the new
+    key and value are then written to slot pos % (window - 1) in place. Returns o [B, nh, hs] in q's dtype.
+    The Triton path reads the ring in its storage dtype, without host syncs (capturable in a CUDA graph)."""
+    if resolve_backend(backend, q.device) == "triton":
+        from gdn2.ops.swa_triton import swa_step_triton
+
+        return swa_step_triton(q, k, v, k_cache, v_cache, pos, window, scale)
+    return swa_step_torch(q, k, v, k_cache, v_cache, pos, window, scale)
