@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.reports.results import RunStore, json_safe, load_run, load_runs
+from evals.reports.results import RunStore, incomplete_warnings, json_safe, load_run, load_runs, read_json, run_facts
 
 
 def output(task: str, acc: float, samples: list[dict] | None = None) -> dict:
@@ -34,22 +34,68 @@ def test_json_safe_converts_lm_eval_values() -> None:
     json.dumps(safe, allow_nan=False)
 
 
-def test_save_task_writes_and_merges(tmp_path: Path) -> None:
+def test_save_task_writes_lm_eval_layout_and_merges(tmp_path: Path) -> None:
     store = RunStore(tmp_path)
-    store.save_task("ckpt-a", "piqa", output("piqa", 0.6), CONFIG, {"timings": {"piqa": 2.0}, "checkpoint_hash": "h"})
+    store.save_task("ckpt-a", "piqa", output("piqa", 0.6), CONFIG, {"timings": {"piqa": 2.0}, "sha256": "h"})
     store.save_task("ckpt-a", "boolq", output("boolq", 0.7), CONFIG, {"timings": {"boolq": 3.0}})
     d = tmp_path / "ckpt-a"
-    results = json.loads((d / "results.json").read_text())
+    [results_file] = d.glob("results_*.json")  # the superseded file is gone
+    assert store.results_path("ckpt-a") == results_file
+    results = json.loads(results_file.read_text())
     assert set(results["results"]) == {"piqa", "boolq"}
     assert results["results"]["piqa"]["acc,none"] == 0.6
     assert set(results["configs"]) == {"piqa", "boolq"} and "samples" not in results
+    # lm-eval's own keys, filled where the evaluate output lacked them
+    assert results["config"]["model"] == "gdn2" and results["config"]["model_args"] == "pretrained=x.pt"
+    assert results["model_name"] == "x.pt" and results["model_name_sanitized"] == "ckpt-a"
+    for key in ("date", "git_hash", "lm_eval_version", "pretty_env_info", "transformers_version", "task_hashes",
+                "model_source", "start_time", "end_time", "total_evaluation_time_seconds"):
+        assert key in results, key
+    assert float(results["total_evaluation_time_seconds"]) == 5.0
     meta = json.loads((d / "meta.json").read_text())
-    assert meta["timings"] == {"piqa": 2.0, "boolq": 3.0} and meta["checkpoint_hash"] == "h"
+    assert meta["timings"] == {"piqa": 2.0, "boolq": 3.0} and meta["sha256"] == "h"
     assert meta["tasks_done"] == ["piqa", "boolq"] and meta["complete"] is False
     assert json.loads((d / "config.json").read_text()) == CONFIG
-    lines = (d / "samples" / "piqa.jsonl").read_text().splitlines()
-    assert json.loads(lines[0]) == {"doc_id": 0, "arguments": [["ctx", " cont"]], "acc": 1.0}
+    samples_file = store.samples_path("ckpt-a", "piqa")
+    assert samples_file is not None and samples_file.name.startswith("samples_piqa_")
+    lines = samples_file.read_text().splitlines()
+    assert json.loads(lines[0]) == {"doc_id": 0, "arguments": {"gen_args_0": {"arg_0": "ctx", "arg_1": " cont"}},
+                                    "acc": 1.0}
     assert not [p for p in d.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_lm_eval_script_reads_our_folder_unchanged(tmp_path: Path) -> None:
+    """What a script written against lm-eval's output finds in a folder our writer made."""
+    from lm_eval.utils import (
+        get_file_task_name,
+        get_latest_filename,
+        get_results_filenames,
+        get_sample_results_filenames,
+        make_table,
+    )
+
+    store = RunStore(tmp_path)
+    evaluated = output("piqa", 0.6, [{"doc_id": 0, "arguments": [("ctx", " a"), ("ctx", " b")], "acc": 1.0,
+                                      "resps": [[(-1.0, False)], [(-2.0, False)]], "target": 0,
+                                      "doc_hash": "d", "prompt_hash": "p", "target_hash": "t"}])
+    evaluated["config"] = {"model": "gdn2", "model_args": "pretrained=demo:gdn2-demo,dtype=float32"}
+    store.save_task("gdn2-demo", "piqa", evaluated, CONFIG)
+    store.save_task("gdn2-demo", "boolq", output("boolq", 0.7), CONFIG)
+    files = [str(p) for p in tmp_path.rglob("*")]
+    latest = get_latest_filename(get_results_filenames(files))
+    d = json.loads(Path(latest).read_text())
+    assert d["config"]["model_args"] == "pretrained=demo:gdn2-demo,dtype=float32"
+    assert d["model_name_sanitized"] == Path(latest).parent.name == "gdn2-demo"
+    table = make_table(d)
+    assert "piqa" in table and "boolq" in table and "0.6" in table
+    samples = get_sample_results_filenames(files)
+    assert sorted(get_file_task_name(Path(f).name) for f in samples) == ["boolq", "piqa"]
+    [piqa] = [f for f in samples if get_file_task_name(Path(f).name) == "piqa"]
+    record = json.loads(Path(piqa).read_text().splitlines()[0])
+    assert record["arguments"]["gen_args_1"] == {"arg_0": "ctx", "arg_1": " b"}
+    assert record["resps"] == [[["-1.0", "False"]], [["-2.0", "False"]]] and record["target"] == "0"
+    from lm_eval.utils import hash_string
+    assert d["task_hashes"]["piqa"] == hash_string("dpt")
 
 
 def test_resume_and_complete(tmp_path: Path) -> None:
@@ -69,11 +115,11 @@ def test_resume_and_complete(tmp_path: Path) -> None:
 def test_crash_mid_write_keeps_old_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = RunStore(tmp_path)
     store.save_task("a", "piqa", output("piqa", 0.5), CONFIG)
-    before = (tmp_path / "a" / "results.json").read_text()
+    before = store.results_path("a").read_text()
     real_replace = os.replace
 
     def crash_on_results(src: str, dst: str | os.PathLike[str]) -> None:
-        if str(dst).endswith("results.json"):
+        if Path(dst).name.startswith("results_"):
             raise OSError("disk died")
         real_replace(src, dst)
 
@@ -81,7 +127,7 @@ def test_crash_mid_write_keeps_old_files(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(OSError, match="disk died"):
         store.save_task("a", "boolq", output("boolq", 0.9), CONFIG)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert (tmp_path / "a" / "results.json").read_text() == before
+    assert store.results_path("a").read_text() == before
     assert not store.task_done("a", "boolq")
     assert not [p for p in (tmp_path / "a").rglob("*") if p.name.endswith(".tmp")]
 
@@ -132,3 +178,89 @@ def test_generations_with_odd_characters_round_trip(tmp_path: Path) -> None:
     RunStore(tmp_path).save_task("a", "jrt_nq", output("jrt_nq", 0.5, [{"doc_id": 0, "resps": [[odd]]}]), CONFIG)
     [r] = load_run(tmp_path)
     assert r.samples("jrt_nq")[0]["resps"] == [[odd]]
+
+
+def test_load_run_reads_an_lm_eval_output_folder(tmp_path: Path) -> None:
+    from tests.fixtures.results.lm_eval_folder import TASK, make_lm_eval_output
+
+    out = make_lm_eval_output(tmp_path / "out", "org/tiny-a", 0.5, tmp_path / "work")
+    make_lm_eval_output(out, "org/tiny-b", 0.9, tmp_path / "work")
+    a, b = load_run(out)
+    assert (a.label, b.label, a.source) == ("org__tiny-a", "org__tiny-b", "lm-eval")
+    raw = json.loads(next((out / "org__tiny-a").glob("results_*.json")).read_text())
+    assert a.scores[TASK]["acc"] == raw["results"][TASK]["acc,none"] and a.complete and not a.missing_tasks
+    assert len(a.samples(TASK)) == 40 and a.samples(TASK)[0]["acc"] in (0.0, 1.0)
+    assert run_facts(a)["checkpoint"] == "org/tiny-a"
+    [one] = load_run(out / "org__tiny-b")
+    assert one.scores == b.scores
+
+
+def test_old_layout_is_still_read(tmp_path: Path) -> None:
+    d = tmp_path / "old"
+    (d / "samples").mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"results": {"piqa": {"acc,none": 0.5}}}))
+    (d / "samples" / "piqa.jsonl").write_text(json.dumps({"doc_id": 0, "acc": 1.0}) + "\n")
+    (d / "meta.json").write_text(json.dumps({"tasks_done": ["piqa"], "complete": True}))
+    [r] = load_run(tmp_path)
+    assert r.scores == {"piqa": {"acc": 0.5}} and r.samples("piqa") == [{"doc_id": 0, "acc": 1.0}] and r.complete
+    RunStore(tmp_path).save_task("old", "boolq", output("boolq", 0.7), CONFIG)  # resuming rewrites it lm-eval's way
+    assert not (d / "results.json").exists()
+    assert set(RunStore(tmp_path).read_results("old")["results"]) == {"piqa", "boolq"}
+
+
+@pytest.mark.parametrize("name,content,says", [
+    ("results", '{"results": {"piqa": {"acc,none": 0.5', "is not valid JSON"),
+    ("meta.json", "", "is empty"),
+    ("config.json", "[1, 2]", "holds list where a JSON object belongs"),
+    ("meta.json", b"\xff\xfe{}", "is not UTF-8"),
+])
+def test_corrupt_json_names_its_file(tmp_path: Path, name: str, content: str | bytes, says: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    store = RunStore(tmp_path)
+    for label in ("bad", "good"):
+        store.save_task(label, "piqa", output("piqa", 0.5), CONFIG)
+    path = store.results_path("bad") if name == "results" else tmp_path / "bad" / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError) as err:
+        load_run(tmp_path / "bad")  # asked for directly: an error
+    message = str(err.value)
+    assert str(path) in message and says in message and "rerun" in message and "\n" not in message
+    [good] = load_run(tmp_path)  # inside OUT: skipped with a warning naming it, the rest still read
+    assert good.label == "good"
+    assert "warning: skipping bad: " in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not valid JSON|is empty|holds list|is not UTF-8"):
+        read_json(path, default={})  # the runner's resume reads through the same reader
+
+
+def test_corrupt_samples_line_names_file_and_line(tmp_path: Path) -> None:
+    RunStore(tmp_path).save_task("a", "piqa", output("piqa", 0.5), CONFIG)
+    path = RunStore(tmp_path).samples_path("a", "piqa")
+    path.write_text(path.read_text() + '{"doc_id": 1, "acc"\n')
+    [r] = load_run(tmp_path)
+    with pytest.raises(ValueError, match=f"{path} line 2 is not valid JSON"):
+        r.samples("piqa")
+
+
+def test_incomplete_runs_are_named(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    config = {**CONFIG, "tasks": ["piqa", "boolq", "arc_easy"]}
+    store.save_task("part", "piqa", output("piqa", 0.5), config)
+    store.mark_complete("part", config["tasks"])
+    store.save_task("whole", "piqa", output("piqa", 0.5), {**CONFIG, "tasks": ["piqa"]})
+    store.mark_complete("whole", ["piqa"])
+    part, whole = load_run(tmp_path)
+    assert part.missing_tasks == ["boolq", "arc_easy"] and not part.complete and whole.complete
+    assert incomplete_warnings([part, whole]) == [
+        "part is incomplete: 2 of 3 task(s) missing (boolq, arc_easy); rerun the same command to finish it"]
+    store.save_task("whole", "piqa", output("piqa", 0.5), {**CONFIG, "tasks": ["piqa"]})  # complete cleared
+    assert "did not finish" in incomplete_warnings(load_run(tmp_path / "whole"))[0]
+
+
+def test_run_facts_read_the_runners_keys(tmp_path: Path) -> None:
+    config = {**CONFIG, "model": {"format": "gdn2", "dtype": "float32", "device": "cpu", "sha256": "ab" * 32}}
+    RunStore(tmp_path).save_task("a", "piqa", output("piqa", 0.5), config, {"sha256": "ab" * 32})
+    RunStore(tmp_path).save_task("b", "piqa", output("piqa", 0.5), CONFIG, {"sha256": "cd" * 32})
+    a, b = load_run(tmp_path)
+    assert run_facts(a) == {"checkpoint": "x.pt", "format": "gdn2", "dtype": "float32", "device": "cpu",
+                            "sha256": "ab" * 32, "gate_mode": "full", "seed": None, "limit": None}
+    assert run_facts(b)["sha256"] == "cd" * 32 and run_facts(b)["format"] == "gdn2"  # lm-eval's config.model
