@@ -91,33 +91,91 @@ class Suite:
         return 100.0 * value if col.percent else float(value)
 
 
-def _read_suite(name: str) -> dict[str, Any]:
+SUITE_FIELDS = {  # field -> (what it must be, an example) for the one-line errors of malformed suite files
+    "suite": (str, "a name"), "description": (str, "a sentence"), "bos": (str, "bos or none"),
+    "tasks": (list, "a list of task names"), "include_suites": (list, "a list of suite names"),
+    "bos_from": (list, "a list of suite names"), "gate_modes": (list, "a list of gate modes"),
+    "table_columns": (list, "a list of column names"), "metadata": (dict, "task -> metadata mapping"),
+    "config": (dict, "task -> task-config overrides"), "bos_by_task": (dict, "task -> bos or none"),
+    "gate_mode_rows": (dict, "gate mode -> row name"), "columns": (dict, "column -> {task, metric}"),
+    "averages": (dict, "average -> list of columns"), "options": (dict, "a mapping"), "paper_table": (str, "a name"),
+}
+
+
+def _suite_path(name: str) -> Path:
+    """A suite by name (tasks/suites/NAME.yaml) or by path (anything ending in .yaml/.yml or holding a slash)."""
+    if name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"suite file not found: {path} (pass a suite name from `run_eval.py list` or "
+                                    f"the path of a suite .yaml)")
+        return path
     path = SUITES_DIR / f"{name}.yaml"
     if not path.exists():
         raise _closest(name, list_suites(), "suite")
-    return yaml.safe_load(path.read_text())
+    return path
+
+
+def _read_suite(name: str) -> dict[str, Any]:
+    """The suite file's fields, checked for shape; a problem is named with its file and line."""
+    path = _suite_path(name)
+    with path.open(encoding="utf-8") as f:  # from a stream, YAML errors carry the file name
+        raw = yaml.safe_load(f)
+    node = yaml.compose(path.read_text(encoding="utf-8"))
+
+    def bad(key: str | None, problem: str) -> ValueError:
+        line = 1
+        if key is not None and isinstance(node, yaml.MappingNode):
+            line = next((k.start_mark.line + 1 for k, _ in node.value if k.value == key), 1)
+        return ValueError(f"suite file {path} line {line} is malformed: {problem}; fix that file "
+                          f"(tasks/README.md, Suites)")
+
+    if not isinstance(raw, dict):
+        raise bad(None, f"it holds a {type(raw).__name__}, not a mapping with a `tasks:` list")
+    if "tasks" not in raw:
+        raise bad(None, "it needs a `tasks:` list of task names")
+    for key, value in raw.items():
+        want = SUITE_FIELDS.get(key)
+        if want is None:
+            raise _closest(str(key), sorted(SUITE_FIELDS), f"field in suite file {path}")
+        if value is not None and not isinstance(value, want[0]):
+            raise bad(key, f"`{key}` must be {want[1]}, not {type(value).__name__}")
+    if not all(isinstance(t, str) for t in raw["tasks"] or []):
+        raise bad("tasks", "`tasks` must be a list of task names")
+    for key, value in (raw.get("columns") or {}).items():
+        if not isinstance(value, dict) or not {"task", "metric"} <= set(value) or set(value) - {"task", "metric",
+                                                                                               "percent"}:
+            raise bad("columns", f"column {key!r} needs {{task: NAME, metric: NAME}} (and optionally percent)")
+    return raw
 
 
 def load_suite(name: str) -> Suite:
+    """A suite by name (tasks/suites/) or path; included suites are looked up beside the including file first."""
     raw = _read_suite(name)
+    here = _suite_path(name).parent
+
+    def sub_suite(ref: str) -> Suite:
+        beside = here / (ref if ref.endswith((".yaml", ".yml")) else f"{ref}.yaml")
+        return load_suite(str(beside) if here != SUITES_DIR and beside.is_file() else ref)
+
     tasks, metadata, config, bos_by_task = [], {}, {}, {}
-    for included in raw.get("include_suites", []):
-        sub = load_suite(included)
+    for included in raw.get("include_suites") or []:
+        sub = sub_suite(included)
         tasks += sub.tasks
         metadata.update(sub.metadata)
         config.update(sub.config)
         bos_by_task.update(sub.bos_by_task)
-    for source in raw.get("bos_from", []):
-        bos_by_task.update(load_suite(source).bos_by_task)
-    tasks += [t for t in raw["tasks"] if t not in tasks]
+    for source in raw.get("bos_from") or []:
+        bos_by_task.update(sub_suite(source).bos_by_task)
+    tasks += [t for t in raw["tasks"] or [] if t not in tasks]
     metadata.update(raw.get("metadata") or {})
     config.update(raw.get("config") or {})
     bos = raw.get("bos")
-    bos_by_task.update({t: bos for t in raw["tasks"] if bos})
+    bos_by_task.update({t: bos for t in raw["tasks"] or [] if bos})
     bos_by_task.update(raw.get("bos_by_task") or {})
     columns = {k: Column(**v) for k, v in (raw.get("columns") or {}).items()}
     suite = Suite(
-        name=raw.get("suite", name),
+        name=raw.get("suite", Path(name).stem),
         tasks=tasks,
         metadata=metadata,
         config=config,
@@ -137,8 +195,12 @@ def load_suite(name: str) -> Suite:
 
 
 def _check(suite: Suite) -> None:
+    """Every task known (ours, the paper's, or anything in lm-eval's task index), a valid BOS policy for each."""
     known = set(list_tasks())
-    for task in suite.tasks + [c.task for c in suite.columns.values()]:
+    unknown = [t for t in suite.tasks + [c.task for c in suite.columns.values()] if t not in known]
+    if unknown:  # indexing lm-eval's ~10k YAMLs takes seconds: only when a suite names one of its other tasks
+        known |= set(_indexed_task_manager().all_tasks)
+    for task in unknown:
         if task not in known:
             raise _closest(task, sorted(known), f"task in suite {suite.name}")
     for task, policy in suite.bos_by_task.items():

@@ -23,6 +23,8 @@ def explain(err: BaseException) -> str:
         return yaml_problem
     if name in _OURS_OR_PLAIN:
         return _with_details(text, lines[1:])
+    if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == "triton":
+        return TRITON_NEEDS
     if isinstance(err, ModuleNotFoundError):
         return f"{text}: install the project with `pip install -e .` (README, Install)"
     if isinstance(err, PermissionError):
@@ -32,7 +34,9 @@ def explain(err: BaseException) -> str:
 
 # errors whose message is written for the user (ours, and the plain built-ins we raise with such a message)
 _OURS_OR_PLAIN = {"ValueError", "FileNotFoundError", "CheckpointError", "ConfigMismatchError",
-                  "TasksFailedError", "NonFiniteError"}
+                  "TasksFailedError", "NonFiniteError", "LabelBusyError", "UsageError"}
+TRITON_NEEDS = ("the triton recurrence backend needs a CUDA GPU and the [triton] extra "
+                "(pip install -e '.[triton]'); on the CPU use --backend torch (or auto)")
 
 
 def _with_details(first: str, rest: list[str]) -> str:

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import run_eval
+from evals.reports.results import RunStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -10,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _results(out: Path, label: str = "gdn2-demo") -> dict:
     meta = json.loads((out / label / "meta.json").read_text())
     assert meta["complete"] is True
-    return json.loads((out / label / "results.json").read_text())["results"]
+    return RunStore(out).read_results(label)["results"]
 
 
 def test_table3_suite_runs_on_the_demo_checkpoint(tmp_path):
@@ -21,7 +22,7 @@ def test_table3_suite_runs_on_the_demo_checkpoint(tmp_path):
     results = _results(tmp_path)
     for task in ("ruler_niah_single_1", "ruler_niah_single_2", "ruler_niah_single_3", "ruler_niah_multikey_1"):
         assert task in results and any(k.endswith(",none") and k[0].isdigit() for k in results[task])
-    samples = (tmp_path / "gdn2-demo" / "samples" / "ruler_niah_single_1.jsonl").read_text().splitlines()
+    samples = RunStore(tmp_path).samples_path("gdn2-demo", "ruler_niah_single_1").read_text().splitlines()
     assert len(samples) == 5
 
 
