@@ -38,9 +38,10 @@ CHUNK = 64  # tokens per chunk: four sub-blocks of 16 rows
 # Launch settings, tuned on an H200 at H=16, dk=dv=128 (evals/bench_kernels.py); a dict so a sweep can override them.
 # diag_dc: key channels per step of the exact (strong-decay) diagonal-block product.
 # mild: 16-bit inputs take the bf16 mild-decay kernel (chunk_mild.py), strong chunks the exact one via a worklist.
-# state_bv 0: chosen per call for about `state_programs` programs (_state_block).
-LAUNCH = dict(intra_warps=8, diag_dc=16, state_bv=64, state_warps=8, state_stages=3, state_programs=120,
-              mild=True, mild_warps=8, mild_stages=1, worklist_programs=264)
+# state_bv 0: chosen per call for about `state_programs` programs (_state_block); state_warps 0: 8 for [128, 128]
+# state slices, else 4 (measured on an H200).
+LAUNCH = dict(intra_warps=8, diag_dc=16, state_bv=0, state_warps=0, state_stages=3, state_programs=120,
+              mild=True, mild_warps=4, mild_stages=1, worklist_programs=264)
 # Largest log-decay across a 16-row sub-block for which its diagonal block comes from one product: the lifted keys
 # carry factors up to e^20, whose rounding stays far below fp32 test tolerance; stronger decays go channel by channel.
 SAFE_SUB_DECAY = 20.0
@@ -455,7 +456,8 @@ def chunk_gdn2_triton(
             count = torch.zeros(1, dtype=torch.int32, device=dev)
             _mild_intra_chunk_kernel[grid1](
                 q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, work, count, cu_seqlens, chunk_indices, scale, T, TT,
-                MILD=MILD_RANGE, num_warps=LAUNCH["mild_warps"], num_stages=LAUNCH["mild_stages"], **common)
+                MILD=MILD_RANGE, num_warps=LAUNCH["mild_warps"] if BK * BV > 64 * 64 else 4,
+                num_stages=LAUNCH["mild_stages"], **common)
             _intra_chunk_worklist_kernel[(min(grid1[0] * grid1[1], LAUNCH["worklist_programs"]),)](
                 work, count, NC, q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T,
                 TT, **common, **exact_args)
@@ -470,7 +472,7 @@ def chunk_gdn2_triton(
             Qs, Y, Kt, U, Oi, gC, o, h0, ht, cu_seqlens, chunk_offsets, T, TT,
             HV=HV, DK=DK, DV=DV, BK=BK, BV=BVS,
             IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None, STORE_HT=output_final_state,
-            PREC=prec, num_warps=LAUNCH["state_warps"],
+            PREC=prec, num_warps=LAUNCH["state_warps"] or (8 if BVS * BK >= 128 * 128 else 4),
             num_stages=LAUNCH["state_stages"] if inter == torch.bfloat16 else 1,  # fp32 tiles: shared memory
         )
     return o, ht
