@@ -2,11 +2,17 @@
 
 Conventions (all formats):
 - cells are percents (lm-eval fractions x 100) except perplexities; decimals follow the paper (NIAH cells 1, else 2);
+- values of 1e4 and more (diverged perplexities) in scientific notation, ``3.06e+25``;
 - averages are recomputed from the unrounded cells, and are "-" when any of their cells is missing;
-- missing cells are "-";
+- missing cells are "-" (empty in CSV);
 - the best value per column is marked within each block of rows (our rows; the paper's recurrent rows; its hybrid
-  rows), comparing the values as displayed, ties all marked, and only in blocks of two or more rows that have it:
-  bold in rich/md/latex; in CSV the numbers stay plain and a last column ``best`` lists the row's best columns.
+  rows), comparing the values as displayed, only where one row holds it alone (no mark on a tie, on an all-equal
+  column, or in a block with fewer than two values): bold in rich/md/latex; in CSV the numbers stay plain and a
+  last column ``best`` lists the row's best columns.
+
+Layouts: the paper's table2..table5, whose NIAH columns (table3) follow the lengths the runs hold, and ``all`` (every
+task and metric the runs hold, for tasks outside the paper's tables). ``auto_layouts`` picks the ones that show
+something; ``layout_warnings`` says when a chosen layout shows nothing, or leaves tasks out.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import csv
 import io
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -23,11 +29,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from evals.reports.results import CheckpointResult, display_scale
+from evals.reports.results import LENGTH_METRIC_RE, CheckpointResult, display_scale, is_perplexity
 
-Layout = Literal["table2", "table3", "table4", "table5"]
+Layout = Literal["table2", "table3", "table4", "table5", "all"]
 Format = Literal["rich", "md", "latex", "csv"]
-LAYOUTS: tuple[str, ...] = ("table2", "table3", "table4", "table5")
+PAPER_LAYOUTS: tuple[str, ...] = ("table2", "table3", "table4", "table5")
+LAYOUTS: tuple[str, ...] = (*PAPER_LAYOUTS, "all")
 FORMATS: tuple[str, ...] = ("rich", "md", "latex", "csv")
 PAPER_TABLES = Path(__file__).resolve().parents[2] / "results" / "reference" / "paper_tables.json"
 PAPER_KEYS = {"table2": "table2_lm_commonsense", "table3": "table3_ruler_niah", "table4": "table4_recall_2k",
@@ -35,8 +42,10 @@ PAPER_KEYS = {"table2": "table2_lm_commonsense", "table3": "table3_ruler_niah", 
 TITLES = {"table2": "Table 2: language modelling and zero-shot commonsense reasoning",
           "table3": "Table 3: RULER needle-in-a-haystack",
           "table4": "Table 4: real-world recall (inputs truncated to 2K)",
-          "table5": "Table 5: gate ablations (one checkpoint, gate modes)"}
+          "table5": "Table 5: gate ablations (one checkpoint, gate modes)",
+          "all": "All tasks and metrics"}
 MISSING = "-"
+SCIENTIFIC_FROM = 1e4  # |value| from which cells switch to 3.06e+25 style
 # Table 5's rows in the paper: w-only = scalar_b, b-only = scalar_w, GDN-2 = full, expanded b in [0,2] = expanded_b.
 GATE_MODE_ORDER = ("scalar_b", "scalar_w", "full", "expanded_b", "tied")
 
@@ -62,15 +71,29 @@ TABLE2_ACCS = ("lambada_acc", "piqa_acc", "hellaswag_acc_norm", "winogrande_acc"
                "arc_challenge_acc", "openbookqa_acc", "siqa_acc", "boolq_acc")
 TABLE4_TASKS = ("swde", "squad", "fda", "triviaqa", "nq", "drop")
 NIAH_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1")
-NIAH_HEADERS = {"niah_single_1": "S1", "niah_single_2": "S2", "niah_single_3": "S3", "niah_multikey_1": "MK1"}
+NIAH_HEADERS = {"niah_single_1": "S1", "niah_single_2": "S2", "niah_single_3": "S3", "niah_multikey_1": "MK1",
+                "niah_multikey_2": "MK2", "niah_multikey_3": "MK3", "niah_multivalue": "MV", "niah_multiquery": "MQ"}
+# What each RULER variant hides where (tasks/ruler/niah.py VARIANTS), for plot panels and captions.
+NIAH_NAMES = {"niah_single_1": "S-NIAH-1 (noise, number)", "niah_single_2": "S-NIAH-2 (essay, number)",
+              "niah_single_3": "S-NIAH-3 (essay, UUID)", "niah_multikey_1": "MK-NIAH-1 (essay, 1 of 4 keys)",
+              "niah_multikey_2": "MK-NIAH-2 (haystack of needles)",
+              "niah_multikey_3": "MK-NIAH-3 (needles, UUID keys)", "niah_multivalue": "MV-NIAH (4 values)",
+              "niah_multiquery": "MQ-NIAH (4 queries)"}
 NIAH_LENGTHS = {"1K": 1024, "2K": 2048, "4K": 4096, "8K": 8192}
 # Table 3 has no 8K column for S-NIAH-3 and MK-NIAH-1.
 NIAH_CELLS = [(t, n) for t in NIAH_TASKS for n in NIAH_LENGTHS if not (n == "8K" and t in NIAH_TASKS[2:])]
 
 
-def niah_column(task: str, length: str) -> Column:
-    return Column(f"{task}@{length}", f"{NIAH_HEADERS[task]} {length}", f"ruler_{task}",
-                  str(NIAH_LENGTHS[length]), decimals=1)
+def length_label(n: int) -> str:
+    """1024 -> "1K" (the paper's spelling); lengths that are not a whole K stay as numbers ("256")."""
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def niah_column(task: str, length: str | int) -> Column:
+    """The NIAH cell of ``task`` (without ``ruler_``) at ``length`` (a token count, or the paper's "4K")."""
+    n = NIAH_LENGTHS[length] if isinstance(length, str) else int(length)
+    return Column(f"{task}@{length_label(n)}", f"{NIAH_HEADERS.get(task, task)} {length_label(n)}", f"ruler_{task}",
+                  str(n), decimals=1)
 
 
 WIKI_PPL = Column("wikitext_ppl", "Wiki. ppl", "wikitext", "word_perplexity", lower_is_better=True)
@@ -138,11 +161,17 @@ class TableData:
     columns: tuple[Column, ...]
     blocks: list[Block]
 
-    def fmt(self, j: int, value: float | None) -> str:
-        return MISSING if value is None else f"{value:.{self.columns[j].decimals}f}"
+    warnings: list[str] = field(default_factory=list)
+
+    def fmt(self, j: int, value: float | None, missing: str = MISSING) -> str:
+        if value is None:
+            return missing
+        if abs(value) >= SCIENTIFIC_FROM:
+            return f"{value:.2e}"
+        return f"{value:.{self.columns[j].decimals}f}"
 
     def best(self, block: Block) -> list[set[int]]:
-        """Per row, the column indices where it holds the block's best displayed value."""
+        """Per row, the column indices where it alone holds the block's best displayed value."""
         marks: list[set[int]] = [set() for _ in block.rows]
         for j, col in enumerate(self.columns):
             shown = [(i, float(self.fmt(j, v))) for i, (_, vals) in enumerate(block.rows)
@@ -150,9 +179,9 @@ class TableData:
             if len(shown) < 2:
                 continue
             target = (min if col.lower_is_better else max)(v for _, v in shown)
-            for i, v in shown:
-                if v == target:
-                    marks[i].add(j)
+            winners = [i for i, v in shown if v == target]
+            if len(winners) == 1:  # a tie (or an all-equal column) has no best
+                marks[winners[0]].add(j)
         return marks
 
 
@@ -184,10 +213,104 @@ def _row_labels(results: Sequence[CheckpointResult], layout: str) -> list[str]:
     return [f"{r.label} ({m})" for r, m in zip(results, modes)]
 
 
-def build_table(results: Sequence[CheckpointResult], layout: Layout, with_paper: bool = False) -> TableData:
+def _niah_lengths(results: Sequence[CheckpointResult], task: str) -> set[int]:
+    return {int(m) for r in results for m in r.scores.get(f"ruler_{task}", {}) if LENGTH_METRIC_RE.match(m)}
+
+
+def table3_columns(results: Sequence[CheckpointResult], with_paper: bool = False) -> tuple[Column, ...]:
+    """Table 3's NIAH cells at the lengths the runs hold (256, 512, ... as well as the paper's 1K-8K), plus the
+    paper's own cells when its rows are shown or when no run holds any NIAH length; other RULER NIAH variants the
+    runs hold come after the paper's four."""
+    held = {t.removeprefix("ruler_") for r in results for t in r.scores if t.startswith("ruler_niah")}
+    tasks = [*NIAH_TASKS, *sorted(held - set(NIAH_TASKS))]
+    any_lengths = any(_niah_lengths(results, t) for t in tasks)
+    cols = []
+    for task in tasks:
+        lengths = _niah_lengths(results, task)
+        if with_paper or not any_lengths:
+            lengths |= {NIAH_LENGTHS[n] for t, n in NIAH_CELLS if t == task}
+        cols += [niah_column(task, n) for n in sorted(lengths)]
+    return tuple(cols)
+
+
+def _task_rank(task: str) -> tuple[int, str]:
+    order = [c.task for layout in ("table2", "table3", "table4") for c in COLUMNS[layout] if c.task]
+    return (order.index(task), task) if task in order else (len(order), task)
+
+
+def all_columns(results: Sequence[CheckpointResult]) -> tuple[Column, ...]:
+    """One column per (task, metric) any run holds: the paper's tasks first in its order, then by name."""
+    tasks = sorted({t for r in results for t in r.scores}, key=_task_rank)
+    cols = []
+    for task in tasks:
+        metrics = {m for r in results for m in r.scores.get(task, {})}
+        lengths = sorted((m for m in metrics if LENGTH_METRIC_RE.match(m)), key=int)
+        for metric in [*lengths, *sorted(metrics - set(lengths))]:
+            flags = [r.higher_is_better.get(task, {}).get(metric.partition(",")[0]) for r in results]
+            flag = next((f for f in flags if isinstance(f, bool)), None)
+            lower = (not flag) if flag is not None else is_perplexity(metric)
+            label = length_label(int(metric)) if metric in lengths else metric
+            cols.append(Column(f"{task}:{metric}", f"{task} {label}", task, metric,
+                               decimals=1 if metric in lengths else 2, lower_is_better=lower))
+    return tuple(cols)
+
+
+def columns_for(layout: str, results: Sequence[CheckpointResult], with_paper: bool = False) -> tuple[Column, ...]:
+    if layout == "table3":
+        return table3_columns(results, with_paper)
+    if layout == "all":
+        return all_columns(results)
     if layout not in COLUMNS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    cols = COLUMNS[layout]
+    return COLUMNS[layout]
+
+
+def _layout_tasks(layout: str, results: Sequence[CheckpointResult]) -> set[str]:
+    cols = columns_for(layout, results)
+    return {c.task for c in cols if c.task} | {CELL_COLUMNS[k].task for c in cols for k in c.average_of
+                                               if CELL_COLUMNS[k].task}  # type: ignore[misc]
+
+
+def _gate_modes(results: Sequence[CheckpointResult]) -> set[str]:
+    return {str(r.config["gate_mode"]) for r in results if r.config.get("gate_mode")}
+
+
+def auto_layouts(results: Sequence[CheckpointResult]) -> list[str]:
+    """The layouts that show something of ``results``: the paper's tables 2-4 that have cells, table 5 when the
+    runs span two or more gate modes, and ``all`` when none of those does."""
+    shown = [layout for layout in ("table2", "table3", "table4") if has_cells(results, layout)]
+    if len(_gate_modes(results)) > 1 and has_cells(results, "table5"):
+        shown.append("table5")
+    return shown or ["all"]
+
+
+def layout_warnings(results: Sequence[CheckpointResult], layouts: Sequence[str], auto: bool = False) -> list[str]:
+    """A line when a layout shows none of the runs' scores; for layouts chosen automatically (``auto``), one
+    naming the tasks none of them shows."""
+    held = sorted({t for r in results for t in r.scores}, key=_task_rank)
+    if not results or not held:
+        return []
+    out = []
+    for layout in layouts:
+        if layout != "all" and not has_cells(results, layout):
+            fits = auto_layouts(results)
+            out.append(f"layout {layout} shows none of these runs' scores (they hold {', '.join(held[:5])}"
+                       f"{' ...' if len(held) > 5 else ''}); use --layout {' or '.join(fits)}, or leave --layout "
+                       f"out to choose from the runs")
+    if auto and "all" not in layouts:
+        shown = set().union(*(_layout_tasks(layout, results) for layout in layouts))
+        left = [t for t in held if t not in shown]
+        if left and any(has_cells(results, layout) for layout in layouts):
+            out.append(f"not in the table(s) shown: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''} "
+                       f"(--layout all shows every task)")
+    return out
+
+
+def build_table(results: Sequence[CheckpointResult], layout: Layout, with_paper: bool = False) -> TableData:
+    if with_paper and layout == "all":
+        raise ValueError("the paper has no rows for --layout all; drop --with-paper, or choose one of "
+                         f"{', '.join(PAPER_LAYOUTS)}")
+    cols = columns_for(layout, results, with_paper)
     results = _ordered(results, layout)
     ours = Block(None, [(label, [cell_value(r, c) for c in cols])
                         for label, r in zip(_row_labels(results, layout), results)])
@@ -200,7 +323,7 @@ def build_table(results: Sequence[CheckpointResult], layout: Layout, with_paper:
     if not blocks:
         raise ValueError(f"nothing to show for {layout}: no results given; pass a run folder or --with-paper")
     row_header = "Gate mode" if layout == "table5" else "Model"
-    return TableData(layout, TITLES[layout], row_header, cols, blocks)
+    return TableData(layout, TITLES[layout], row_header, cols, blocks, layout_warnings(results, [layout]))
 
 
 # ----------------------------------------------------------------------------------------------- renderers
@@ -282,7 +405,7 @@ def _to_csv(data: TableData) -> str:
         group = block.title or "ours"
         for (name, vals), marks in zip(block.rows, data.best(block)):
             best = ";".join(data.columns[j].key for j in sorted(marks))
-            writer.writerow([group, name, *(data.fmt(j, v) for j, v in enumerate(vals)), best])
+            writer.writerow([group, name, *(data.fmt(j, v, "") for j, v in enumerate(vals)), best])
     return buf.getvalue()
 
 
@@ -300,4 +423,5 @@ def render_table(results: Sequence[CheckpointResult], layout: Layout, fmt: Forma
 
 def has_cells(results: Sequence[CheckpointResult], layout: str) -> bool:
     """True when any result fills any cell of ``layout`` (the report skips empty tables)."""
-    return any(cell_value(r, c) is not None for r in results for c in COLUMNS[layout])
+    cols = columns_for(layout, results)
+    return any(cell_value(r, c) is not None for r in results for c in cols)

@@ -1,8 +1,9 @@
-"""compare: paired bootstrap CI and exact McNemar on synthetic pairs with a known answer."""
+"""compare: paired BCa bootstrap CI (scipy) and exact McNemar (scipy) on synthetic pairs with a known answer."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 from pathlib import Path
@@ -10,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.reports.compare import compare_all, compare_runs, mcnemar_exact, paired_bootstrap, render_compare
+from evals.reports.compare import (
+    compare_all,
+    compare_runs,
+    compare_warnings,
+    mcnemar_exact,
+    paired_bootstrap,
+    render_compare,
+    verdict,
+)
 from evals.reports.report_cli import add_cli
 from evals.reports.results import CheckpointResult, RunStore, load_run
 
@@ -95,7 +104,9 @@ def test_pairs_only_shared_docs_with_equal_content(tmp_path: Path) -> None:
     store_task(tmp_path, "b", "piqa", records_b, {"acc": 0.0})
     runs = by_label(tmp_path)
     [c] = compare_runs(runs["a"], runs["b"], n_boot=200)
-    assert c.n_paired == 5 and c.only_a_right == 5 and c.outcome == "loss"
+    assert c.n_paired == 5 and c.only_a_right == 5 and c.ci_high < 0
+    assert c.p_value == pytest.approx(0.0625) and c.outcome == "tie"  # 5 pairs cannot reach p < 0.05
+    assert "too few for a reliable verdict" in c.note
     [c] = compare_runs(runs["b"], runs["a"], n_boot=200)
     assert c.n_paired == 5  # doc 2 is outside the overlap; now check a hash clash inside it
     records_b[0]["doc_hash"] = "clash"  # doc 5
@@ -172,3 +183,90 @@ def test_cli_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "A = b, B = a" in out and "**loss**" in out
+
+
+def test_readme_example_is_a_tie(tmp_path: Path) -> None:
+    """The README's row: 80% -> 100% on 20 docs, CI [+5, +40] but McNemar p = 0.125: not a win."""
+    assert verdict(0.05, 0.40, 0.125, lower_is_better=False) == "tie"
+    assert verdict(0.05, 0.40, 0.01, lower_is_better=False) == "win"
+    assert verdict(0.05, 0.40, 0.01, lower_is_better=True) == "loss"
+    assert verdict(-0.40, -0.05, None, lower_is_better=True) == "win"  # perplexities: the interval alone
+    binary_run(tmp_path, "a", [1] * 16 + [0] * 4, task="ruler_niah_single_2")
+    binary_run(tmp_path, "b", [1] * 20, task="ruler_niah_single_2")
+    runs = by_label(tmp_path)
+    [c] = compare_runs(runs["a"], runs["b"], n_boot=2000)
+    assert c.ci_low > 0 and c.p_value == pytest.approx(0.125) and c.outcome == "tie"
+    md = render_compare([c], "md")
+    assert "| 80.00 | 100.00 | +20.00 |" in md and "| 0.1250 | 20 | tie |" in md
+    assert "fewer than 30 paired samples" in md  # n = 20: said in the output
+
+
+def test_mcnemar_is_scipys_binomtest() -> None:
+    from scipy.stats import binomtest
+
+    for b, a in ((7, 1), (0, 4), (13, 9)):
+        assert mcnemar_exact(b, a) == binomtest(b, b + a, 0.5).pvalue
+
+
+def test_tasks_one_side_lacks_are_listed(tmp_path: Path) -> None:
+    binary_run(tmp_path, "a", [1, 0] * 20, task="piqa")
+    binary_run(tmp_path, "a", [1, 0] * 20, task="boolq")
+    binary_run(tmp_path, "b", [1, 1] * 20, task="piqa")
+    binary_run(tmp_path, "b", [1, 1] * 20, task="arc_easy")
+    runs = by_label(tmp_path)
+    rows = compare_runs(runs["a"], runs["b"], n_boot=200)
+    assert [(c.task, c.score_a is None, c.score_b is None) for c in rows] == [
+        ("piqa", False, False), ("arc_easy", True, False), ("boolq", False, True)]
+    assert rows[2].note == "b lacks this task" and rows[2].outcome == "n/a"
+    assert compare_warnings(rows) == [
+        "B = b lacks 1 task(s) the other has: boolq (not compared; finish or rerun that run)",
+        "A = a lacks 1 task(s) the other has: arc_easy (not compared; finish or rerun that run)"]
+    md = render_compare(rows, "md")
+    assert "| boolq | acc | 50.00 | - | - | - | - | 0 | n/a |" in md and "**Warning:** B = b lacks" in md
+    assert "Warning: B = b lacks 1 task(s)" in render_compare(rows, "rich")
+
+
+def test_machine_readable_formats(tmp_path: Path) -> None:
+    import csv
+    import io
+    import json
+
+    binary_run(tmp_path, "a", [1] * 10 + [0] * 30)
+    binary_run(tmp_path, "b", [1] * 40)
+    runs = by_label(tmp_path)
+    rows = compare_runs(runs["a"], runs["b"], n_boot=300)
+    data = json.loads(render_compare(rows, "json"))
+    [row] = data["comparisons"]
+    assert row["task"] == "piqa" and row["score_a"] == 0.25 and row["score_b"] == 1.0 and row["outcome"] == "win"
+    assert row["only_b_right"] == 30 and data["alpha"] == 0.05 and data["warnings"] == []
+    [parsed] = list(csv.DictReader(io.StringIO(render_compare(rows, "csv"))))
+    assert float(parsed["delta"]) == 0.75 and parsed["outcome"] == "win" and parsed["ci_low"] != ""
+    assert float(parsed["p_value"]) == pytest.approx(2 * 0.5**30)
+
+
+def test_cli_compare_reads_lm_eval_folders_and_flags_incomplete_runs(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.fixtures.results.lm_eval_folder import make_lm_eval_output
+
+    out = make_lm_eval_output(tmp_path / "lm", "org/tiny-a", 0.5, tmp_path / "work")
+    make_lm_eval_output(out, "org/tiny-b", 0.95, tmp_path / "work")
+    capsys.readouterr()  # lm-eval's own progress bars
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["compare", str(out), "--format", "json", "--n-boot", "300"])
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    [row] = json.loads(captured.out)["comparisons"]
+    assert (row["label_a"], row["label_b"], row["task"], row["metric"]) == ("org__tiny-a", "org__tiny-b",
+                                                                            "tiny_choice", "acc")
+    assert row["n_paired"] == 40 and row["score_b"] > row["score_a"] and captured.err == ""
+
+    ours = tmp_path / "ours"
+    binary_run(ours, "a", [1, 0] * 20)
+    binary_run(ours, "b", [1, 1] * 20)
+    store = RunStore(ours)
+    store.write_config("b", {"tasks": ["piqa", "boolq"]})
+    store.mark_complete("b", ["piqa", "boolq"])
+    args = parser.parse_args(["compare", str(ours), "--format", "md", "--n-boot", "100"])
+    assert args.func(args) == 0
+    assert "warning: b is incomplete: 1 of 2 task(s) missing (boolq)" in capsys.readouterr().err

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.reports.plots import niah_grid, plot_niah_curves, plot_niah_heatmap, plot_recall_bars
+from evals.reports import plots
+from evals.reports.plots import niah_grid, niah_stderr, plot_niah_curves, plot_niah_heatmap, plot_recall_bars
 from evals.reports.report import write_report
 from evals.reports.report_cli import add_cli
 from evals.reports.results import CheckpointResult, load_run
@@ -91,3 +92,81 @@ def test_cli_report_and_plot(runs: dict[str, Path], tmp_path: Path, capsys: pyte
     assert args.func(args) == 0
     assert sorted(p.name for p in (tmp_path / "p").iterdir())[0] == "niah_ckpt_gate_expanded_b.png"
     assert capsys.readouterr().out.count(".png") == 5
+
+
+@pytest.fixture()
+def figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The Figure objects the plot functions build (and still save)."""
+    seen: list = []
+    real = plots._save
+
+    def keep(fig, out_path):
+        seen.append(fig)
+        return real(fig, out_path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return seen
+
+
+def test_heatmap_is_colour_blind_safe_with_a_labelled_bar(runs: dict[str, Path], tmp_path: Path,
+                                                          figures: list) -> None:
+    plot_niah_heatmap(load_run(runs["needle"])[0], tmp_path / "h.png")
+    ax, bar_ax = figures[0].axes
+    assert ax.images[0].cmap.name.startswith("cividis") and bar_ax.get_ylabel() == "accuracy (%)"
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["S-NIAH-1 (noise, number)", "S-NIAH-2 (essay, number)"]
+
+
+def test_curves_are_distinguishable_with_error_bars(runs: dict[str, Path], tmp_path: Path, figures: list) -> None:
+    needle = load_run(runs["needle"])
+    twin = load_run(runs["needle"] / "needle-a")[0]
+    twin.label = "needle-a-again"  # the very same numbers: its line must not hide under needle-a's
+    plot_niah_curves([*needle, twin], tmp_path / "c.png")
+    ax = figures[0].axes[0]
+    assert ax.get_title() == "S-NIAH-1 (noise, number)"
+    lines = [c.lines[0] for c in ax.containers]  # errorbar containers: (data line, caps, bars)
+    assert len({(ln.get_marker(), ln.get_linestyle(), ln.get_color()) for ln in lines}) == 3
+    x_a, x_twin = (np.asarray(ln.get_xdata(), dtype=float) for ln in (lines[0], lines[2]))
+    assert all(a != t for a, t in zip(x_a, x_twin)) and np.allclose(x_a, x_twin, rtol=0.1)  # offset, slightly
+    assert list(lines[0].get_ydata()) == list(lines[2].get_ydata())
+    bars = ax.containers[0].lines[2][0].get_segments()  # the vertical error bars of needle-a
+    assert len(bars) == 3 and all(seg[1][1] > seg[0][1] for seg in bars)
+
+
+def test_stderr_is_binomial_over_the_samples(runs: dict[str, Path]) -> None:
+    a = load_run(runs["needle"])[0]
+    p = a.scores["ruler_niah_single_1"]["256"]
+    assert niah_stderr(a, "ruler_niah_single_1", 256) == pytest.approx(100 * np.sqrt(p * (1 - p) / 19))
+    a.stderrs["ruler_niah_single_1"] = {"256": 0.05}  # lm-eval's own, where it computed one
+    assert niah_stderr(a, "ruler_niah_single_1", 256) == pytest.approx(5.0)
+
+
+def test_cli_plot_out_takes_a_file_name(runs: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command", required=True))
+
+    def plot(*argv: str) -> int:
+        args = parser.parse_args(["plot", *argv])
+        return args.func(args)
+
+    assert plot(str(runs["needle"]), "--kind", "niah-curves", "--out", str(tmp_path / "F.png")) == 0
+    assert (tmp_path / "F.png").is_file()
+    assert_png(tmp_path / "F.png")
+    assert plot(str(runs["needle"]), "--kind", "niah-heatmap", "--out", str(tmp_path / "heat.png")) == 0
+    assert sorted(p.name for p in tmp_path.glob("heat*")) == ["heat_needle-a.png", "heat_needle-b.png"]
+    assert plot(str(runs["needle"]), "--kind", "niah-curves", "--out", str(tmp_path / "folder")) == 0
+    assert (tmp_path / "folder" / "niah_curves.png").is_file()  # a folder still works
+    with pytest.raises(ValueError, match="'.txt' is not an image type"):
+        plot(str(runs["needle"]), "--kind", "niah-curves", "--out", str(tmp_path / "F.txt"))
+    capsys.readouterr()
+    assert plot(str(runs["demo"]), "--kind", "recall-bars", "--out", str(tmp_path / "bars.png")) == 0
+    assert "warning: gdn2-b is incomplete: 1 of 20 task(s) missing (jrt_drop)" in capsys.readouterr().err
+
+
+def test_report_runs_table_shows_the_runners_keys(runs: dict[str, Path], tmp_path: Path) -> None:
+    text = write_report(load_run(runs["demo"]), tmp_path / "r.md", n_boot=100).read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| gdn2-b |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1:6] == ["gdn2-b.safetensors", "gdn2", "full", "float32", "cpu"]
+    assert len(cells[8]) == 16 and cells[8] != "-" and cells[9:] == ["19/20", "False"]
+    assert "**Warning:** gdn2-b is incomplete: 1 of 20 task(s) missing (jrt_drop)" in text

@@ -10,8 +10,17 @@ from rich.text import Text
 
 from evals.reports.report_cli import add_cli
 from evals.reports.results import CheckpointResult, load_run
-from evals.reports.tables import (COLUMNS, TABLE2_ACCS, build_table, load_paper_tables, paper_average, render_table,
-                          rich_table)
+from evals.reports.tables import (
+    COLUMNS,
+    TABLE2_ACCS,
+    auto_layouts,
+    build_table,
+    layout_warnings,
+    load_paper_tables,
+    paper_average,
+    render_table,
+    rich_table,
+)
 from tests.fixtures.results.make_fixtures import EXPECTED_CASES, expected_path, make_fixture_runs, render_case
 
 
@@ -77,10 +86,11 @@ def test_best_marks_direction_ties_and_single_rows() -> None:
     x_row, y_row = md[4].split(" | "), md[5].split(" | ")
     assert x_row[1] == "**15.00**" and y_row[1] == "16.00"  # perplexity: lower wins
     assert x_row[4] == "70.00" and y_row[4] == "**75.00**"  # accuracy: higher wins
-    assert x_row[11] == "**60.00**" and y_row[11] == "**60.00**"  # ties are all marked
+    assert x_row[11] == "60.00" and y_row[11] == "60.00"  # a tie has no best
     assert "**" not in render_table([x], "table2", "md").splitlines()[4]  # nothing to beat in a single row
     csv = render_table([x, y], "table2", "csv").splitlines()
-    assert csv[1].endswith(",wikitext_ppl;boolq_acc") and csv[2].endswith(",piqa_acc;boolq_acc")
+    assert csv[1].endswith(",wikitext_ppl") and csv[2].endswith(",piqa_acc")
+    assert csv[1].split(",")[4] == ""  # a missing cell is empty in CSV, not "-"
     table = rich_table(build_table([x, y], "table2"))
     cell = table.columns[1]._cells[0]
     assert isinstance(cell, Text) and cell.plain == "15.00" and cell.style == "bold"
@@ -117,3 +127,71 @@ def test_cli_table(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) ->
     assert "gdn2-a" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError):
         run_cli(["table", str(runs["demo"] / "nope")])
+
+
+def test_all_equal_and_zero_columns_have_no_best() -> None:
+    rows = [result(n, {"piqa": {"acc": 0.0}, "boolq": {"acc": 0.5 + 0.1 * i}}) for i, n in enumerate("xyz")]
+    md = render_table(rows, "table2", "md")
+    assert "**0.00**" not in md and md.count("**") == 4 and "**70.00**" in md  # the title's and 70's
+
+
+def test_diverged_perplexity_in_scientific_notation() -> None:
+    rows = [result("x", {"wikitext": {"word_perplexity": 30603102229402531443769344.0}}),
+            result("y", {"wikitext": {"word_perplexity": 9999.5}})]
+    md = render_table(rows, "table2", "md")
+    assert "3.06e+25" in md and "30603102229402531443769344" not in md and "**9999.50**" in md
+    assert "3.06e+25" in render_table(rows, "table2", "csv")
+
+
+def test_niah_columns_follow_the_run_lengths(runs: dict[str, Path]) -> None:
+    needle = load_run(runs["needle"])
+    headers = [c.header for c in build_table(needle, "table3").columns]
+    assert headers == ["S1 256", "S1 512", "S1 1K", "S2 256", "S2 512", "S2 1K"]
+    with_paper = [c.header for c in build_table(needle, "table3", with_paper=True).columns]
+    assert with_paper[:5] == ["S1 256", "S1 512", "S1 1K", "S1 2K", "S1 4K"] and "MK1 4K" in with_paper
+    assert [c.header for c in build_table([], "table3", with_paper=True).columns] == [
+        c.header for c in COLUMNS["table3"]]  # the paper's own columns when no run has lengths
+
+
+def test_layout_chosen_from_the_runs_and_warned_when_empty(runs: dict[str, Path]) -> None:
+    needle, demo, ablation = (load_run(runs[k]) for k in ("needle", "demo", "ablation"))
+    assert auto_layouts(needle) == ["table2", "table3"]  # wikitext and NIAH
+    assert auto_layouts(demo) == ["table2", "table3", "table4"]
+    assert auto_layouts(ablation) == ["table2", "table3", "table4", "table5"]
+    only_niah = [result("n", {"ruler_niah_single_1": {"256": 0.5}})]
+    [warning] = layout_warnings(only_niah, ["table2"])
+    assert warning.startswith("layout table2 shows none of these runs' scores (they hold ruler_niah_single_1)")
+    assert "use --layout table3" in warning
+    other = [result("o", {"lambada_standard": {"acc": 0.5}, "piqa": {"acc": 0.6}})]
+    assert auto_layouts([result("o", {"lambada_standard": {"acc": 0.5}})]) == ["all"]
+    assert layout_warnings(other, ["table2"]) == []  # asked for: no word about the rest
+    assert layout_warnings(other, ["table2"], auto=True) == [
+        "not in the table(s) shown: lambada_standard (--layout all shows every task)"]
+    assert "| o | 50.00 | 60.00 |" in render_table(other, "all", "md") or "| o | 60.00 | 50.00 |" in render_table(
+        other, "all", "md")
+
+
+def test_cli_table_auto_layout_warnings_and_incomplete_runs(runs: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["table", str(runs["needle"]), "--format", "md"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == (expected_path("needle_table2", "md", False).read_text(encoding="utf-8") + "\n"
+                            + expected_path("needle_table3", "md", False).read_text(encoding="utf-8"))
+    assert captured.err == ""
+    assert run_cli(["table", str(runs["needle"]), "--layout", "table4", "--format", "csv"]) == 0
+    assert "warning: layout table4 shows none of these runs' scores" in capsys.readouterr().err
+    assert run_cli(["table", str(runs["demo"]), "--layout", "table4", "--format", "md"]) == 0
+    err = capsys.readouterr().err
+    assert "not in the table(s) shown" not in err
+    assert "warning: gdn2-b is incomplete: 1 of 20 task(s) missing (jrt_drop)" in err
+
+
+def test_cli_table_reads_an_lm_eval_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.fixtures.results.lm_eval_folder import make_lm_eval_output
+
+    out = make_lm_eval_output(tmp_path / "lm", "org/tiny-a", 0.5, tmp_path / "work")
+    capsys.readouterr()
+    assert run_cli(["table", str(out), "--format", "md"]) == 0
+    captured = capsys.readouterr()
+    assert "**All tasks and metrics**" in captured.out and "| org__tiny-a | 42.50 |" in captured.out
+    assert captured.err == ""
