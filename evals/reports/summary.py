@@ -1,10 +1,12 @@
 """The summary table printed at the end of `run_eval.py run`: checkpoints side by side, one column per cell."""
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
-from evals.reports.results import load_run
+from evals.reports.results import incomplete_warnings, load_run
 
 
 def _columns(suite_name: str | None, results) -> list[tuple[str, str, str, bool]]:
@@ -26,9 +28,13 @@ def _columns(suite_name: str | None, results) -> list[tuple[str, str, str, bool]
     return cols
 
 
-def summary_table(out_dir: str, labels: list[str], suite: str | None = None) -> Table:
+def _runs(out_dir: str, labels: list[str]) -> list:
     runs = [r for r in load_run(out_dir) if r.label in labels]
-    runs.sort(key=lambda r: labels.index(r.label))
+    return sorted(runs, key=lambda r: labels.index(r.label))
+
+
+def summary_table(out_dir: str, labels: list[str], suite: str | None = None, runs: list | None = None) -> Table:
+    runs = _runs(out_dir, labels) if runs is None else runs
     table = Table(title=f"{suite or 'run'}: {out_dir}")
     table.add_column("cell", style="bold")
     for r in runs:  # checkpoints side by side
@@ -37,10 +43,14 @@ def summary_table(out_dir: str, labels: list[str], suite: str | None = None) -> 
         cells = []
         for r in runs:
             value = r.score(task, metric)
-            cells.append("-" if value is None else f"{100 * value:.1f}" if percent else f"{value:.2f}")
+            cells.append("-" if value is None else f"{100 * value:.1f}" if percent
+                         else f"{value:.2e}" if abs(value) >= 1e4 else f"{value:.2f}")  # diverged perplexities
         table.add_row(header, *cells)
     return table
 
 
 def print_summary(out_dir: str, labels: list[str], suite: str | None = None) -> None:
-    Console().print(summary_table(out_dir, labels, suite))
+    runs = _runs(out_dir, labels)
+    Console().print(summary_table(out_dir, labels, suite, runs))
+    for line in incomplete_warnings(runs):
+        print(f"warning: {line}", file=sys.stderr)

@@ -195,3 +195,28 @@ def test_cli_table_reads_an_lm_eval_folder(tmp_path: Path, capsys: pytest.Captur
     captured = capsys.readouterr()
     assert "**All tasks and metrics**" in captured.out and "| org__tiny-a | 42.50 |" in captured.out
     assert captured.err == ""
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["table", "{tmp}/nope"], "does not exist"),
+    (["table", "{bad}"], "is not valid JSON"),
+    (["compare", "{demo}", "--n-boot", "0"], "--n-boot must be at least 1"),
+    (["compare", "{demo}", "--baseline", "zzz"], "--baseline 'zzz' is not among the loaded labels"),
+    (["compare", "{demo}/gdn2-a"], "at least two checkpoints"),
+    (["plot", "{demo}", "--kind", "niah-curves", "--out", "{tmp}/x.txt"], "is not an image type"),
+    (["report", "{demo}", "--out", "{tmp}/r.txt"], "the report is Markdown"),
+    (["table", "{demo}", "--layout", "all", "--with-paper"], "the paper has no rows for --layout all"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(runs: dict[str, Path], tmp_path: Path, argv: list[str], says: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import run_eval
+
+    bad = tmp_path / "bad"
+    shutil.copytree(runs["needle"] / "needle-a", bad)
+    next(bad.glob("results_*.json")).write_text('{"results": ')
+    paths = {"tmp": str(tmp_path), "bad": str(bad), "demo": str(runs["demo"])}
+    assert run_eval.main([a.format(**paths) for a in argv]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
