@@ -1,4 +1,4 @@
-"""Haystacks for the RULER needle tasks, as token-costed pieces that a prompt can be sized with.
+"""Haystacks of sizing "tight" (this harness's earlier generator), as token-costed pieces to size a prompt with.
 
 A haystack is a list of pieces (words for "essay" and "noise", distractor lines for "needle"), each with the
 separator that precedes it and its token count under the evaluated tokenizer. Prefix sums of those counts let
@@ -12,7 +12,6 @@ import itertools
 import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from gdn2.tokenizer import Tokenizer
@@ -88,24 +87,6 @@ def noise_haystack(tokenizer: Tokenizer, min_tokens: int) -> Haystack:
     words = NOISE_PASSAGE.split(" ")
     # one passage per line; a cycle of the word list is one passage, so line starts are index 0
     return word_haystack(tokenizer, words, {0}, min_tokens)
-
-
-def read_essays(essay_dir: str | Path) -> list[str]:
-    """All words of the *.txt essays in `essay_dir` (sorted by name), whitespace-normalised as RULER does."""
-    if not essay_dir:
-        raise FileNotFoundError(
-            "essay-haystack NIAH tasks need essays: pass --essay-dir <folder of *.txt essays> (RULER uses Paul "
-            "Graham's essays) or --data-dir with a paul_graham_essays/ folder in it"
-        )
-    folder = Path(essay_dir)
-    files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
-    if not files:
-        raise FileNotFoundError(
-            f"essay haystack folder {folder} has no *.txt essays: pass --essay-dir <folder of essays> "
-            "(RULER uses Paul Graham's essays) or use haystack=noise"
-        )
-    text = " ".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    return re.sub(r"\s+", " ", text).strip().split(" ")
 
 
 def essay_haystack(tokenizer: Tokenizer, words: list[str], min_tokens: int) -> Haystack:

@@ -2,6 +2,7 @@
 
 Every `ruler_niah_*.yaml` points `custom_dataset` here and names its RULER variant in `dataset_kwargs`;
 lm-eval calls the builder with the task metadata (run-time metadata included) merged with those kwargs.
+Essays: `essay_dir`, else `<data_dir>/paul_graham_essays`, else the Hugging Face dataset lm-eval uses.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import datasets
 
-from tasks.ruler.niah import NiahGenerator
+from tasks.ruler.niah import DEFAULT_SIZING, NiahGenerator
 from tasks.token_counter import tokenizer_from_metadata
 
 DEFAULT_LENGTHS = [4096]
@@ -43,6 +44,7 @@ def build_dataset(variant: str, **metadata: Any) -> dict[str, datasets.Dataset]:
         essay_dir=essay_dir,
         tokens_to_generate=metadata.get("tokens_to_generate"),
         seed=int(metadata.get("seed", DEFAULT_SEED)),
+        sizing=str(metadata.get("sizing", DEFAULT_SIZING)),
     )
     per_length = [list(generator.samples(length, num_samples)) for length in lengths]
     rows = [rows[i] for i in range(num_samples) for rows in per_length]

@@ -36,8 +36,10 @@ def test_simple_evaluate_needles_and_multiple_choice(data_dir):
     tm = task_manager(
         data_dir=data_dir,
         metadata={"tokenizer": DEMO_TOKENIZER},
+        # RULER's essay unit (500 words) cannot fit 256 tokens: the short essay cells use "tight" sizing
         task_metadata={**suite.metadata, "ruler_niah_single_2": {**suite.metadata["ruler_niah_single_2"],
-                                                                 "haystack": "essay", "num_samples": 3}},
+                                                                 "haystack": "essay", "num_samples": 3,
+                                                                 "sizing": "tight"}},
         task_config=suite.config,
     )
     out = lm_eval.simple_evaluate(model=RuleLM(), tasks=["ruler_niah_single_2", "piqa"], task_manager=tm)
@@ -47,7 +49,7 @@ def test_simple_evaluate_needles_and_multiple_choice(data_dir):
     # the first choice: right for row 0 only
     assert piqa["acc,none"] == 1.0 and piqa["acc_norm,none"] == 0.5
     config = out["configs"]["ruler_niah_single_2"]
-    assert config["metadata"]["max_seq_lengths"] == [256, 512, 1024]
+    assert config["metadata"]["max_seq_lengths"] == [256, 512, 1024] and config["metadata"]["sizing"] == "tight"
     assert config["generation_kwargs"]["max_gen_toks"] == 16
     assert out["n-samples"]["ruler_niah_single_2"]["original"] == 9  # 3 per length, interleaved
 

@@ -12,8 +12,9 @@ MULTIPLE_CHOICE = [t for t in LM_EVAL_TASKS if t not in ("wikitext", "lambada_op
 
 @pytest.fixture(scope="module")
 def tm(data_dir):
+    # 4096: with one token per byte, RULER's sizing needs room for 500 essay words
     return task_manager(data_dir=data_dir, metadata={"tokenizer": "byte", "num_samples": 2,
-                                                     "max_seq_lengths": [1024]})
+                                                     "max_seq_lengths": [4096]})
 
 
 def _requests(tm, name):
@@ -89,8 +90,8 @@ def test_needle_tasks_score_per_length(tm, name):
     for insts in by_doc.values():
         doc = insts[0].doc
         assert insts[0].args[0] == doc["input"]
-        assert task.process_results(doc, [" " + " ".join(doc["outputs"])]) == {"1024": 1.0}
-        assert task.process_results(doc, [" 0000000"]) == {"1024": 0.0}
+        assert task.process_results(doc, [" " + " ".join(doc["outputs"])]) == {"4096": 1.0}
+        assert task.process_results(doc, [" 0000000"]) == {"4096": 0.0}
 
 
 def test_missing_offline_dataset_names_id_and_path(tmp_path):
