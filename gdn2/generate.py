@@ -24,8 +24,8 @@ class Stepper:
     never interact in a step).
     """
 
-    def __init__(self, model: GPT, rows: int, graph: bool, pool: tuple | None = None) -> None:
-        self.model, self.rows = model, rows
+    def __init__(self, model: GPT, rows: int, graph: bool, pool: tuple | None = None, backend: str = "auto") -> None:
+        self.model, self.rows, self.backend = model, rows, backend
         device = model.lm_head.weight.device
         self.state = model.new_state(rows, device)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
@@ -43,7 +43,7 @@ class Stepper:
                 self._step()
 
     def _step(self) -> None:
-        logits, _ = self.model.step(self.tokens, self.state)
+        logits, _ = self.model.step(self.tokens, self.state, backend=self.backend)
         self._choose(logits)
 
     def _choose(self, logits: torch.Tensor) -> None:
@@ -68,10 +68,11 @@ class Stepper:
 
 
 class StepperCache:
-    """One captured Stepper per padded batch size (powers of two), sharing one CUDA graph memory pool."""
+    """One captured Stepper per padded batch size (powers of two), sharing one CUDA graph memory pool.
+    `backend` is the kernels' choice for every step (see GPT.step)."""
 
-    def __init__(self, model: GPT, graphs: bool | None = None) -> None:
-        self.model = model
+    def __init__(self, model: GPT, graphs: bool | None = None, backend: str = "auto") -> None:
+        self.model, self.backend = model, backend
         device = model.lm_head.weight.device
         self.graphs = device.type == "cuda" if graphs is None else graphs
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -83,7 +84,7 @@ class StepperCache:
             if not self.graphs:
                 self._steppers.clear()  # eager steppers are cheap: keep one
             try:
-                self._steppers[padded] = Stepper(self.model, padded, self.graphs, self._pool)
+                self._steppers[padded] = Stepper(self.model, padded, self.graphs, self._pool, self.backend)
             except RuntimeError as err:  # e.g. a backend that syncs with the host cannot be captured
                 logging.getLogger("gdn2").warning("CUDA graph capture failed (%s): decoding eagerly", str(err)[:200])
                 self.graphs = False
@@ -99,15 +100,17 @@ def greedy_blocks(
     steppers: StepperCache | None = None,
     first_block: int | None = None,
     max_block: int = 32,
+    backend: str = "auto",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Greedy tokens after a prefill that returned `logits` [B, V] and `state`, in blocks.
 
     Yields (tokens [B, k], nonfinite [B, k]) on the CPU; nonfinite marks tokens chosen from logits holding NaN/inf.
     Blocks double from `first_block` (default: 1 on the CPU, where reading back costs nothing; 4 on GPUs) up to
     `max_block`; the caller stops iterating once every row is done. At most `max_new` tokens per row.
+    `backend` applies when no `steppers` are given (theirs is used otherwise).
     """
     B = logits.shape[0]
-    steppers = steppers or StepperCache(model)
+    steppers = steppers or StepperCache(model, backend=backend)
     stepper = steppers.get(B)
     stepper.load(state, logits)
     block = first_block or (4 if steppers.graphs else 1)

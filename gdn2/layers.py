@@ -1,20 +1,153 @@
-"""Layers of the GDN-2 language model, bottom-up: norms, MLP, short convolution, the GDN-2 mixer, SWA attention.
+"""Layers of the GDN-2 language model, bottom-up: the layer ops, norms, MLP, short convolution, the GDN-2 mixer,
+SWA attention.
 
 Parameter names equal the official lit_gpt names (q_proj, q_conv1d, f_proj.0, A_log, o_norm, attn.attn, ...), so an
 official state dict loads without renaming. Every layer works on packed sequences: x is [total, d] holding N
 sequences back to back, delimited by cu_seqlens [N + 1]; the state keeps one row per sequence.
+
+The small ops around the mixers (norms, short convolution, gates, SwiGLU) come as one `LayerOps` table chosen once
+per forward pass or decode step (`layer_ops`): the torch versions below, or the Triton kernels of
+gdn2/layer_kernels.py with the same signatures. Both mixers take (x, state, ctx) with ctx a `Pass`, so a block
+never asks which mixer it holds.
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gdn2.config import Config
-from gdn2.ops import gated_delta_rule2, gated_delta_rule2_step
+from gdn2.ops import (
+    gated_delta_rule2,
+    gated_delta_rule2_step,
+    resolve_backend,
+    sliding_window_attention,
+    sliding_window_attention_step,
+    sliding_window_write,
+)
 from gdn2.ops.utils import expand_heads, packing_memo
+
+
+# ---- the layer ops: torch versions (any device and dtype, differentiable) -----------------------------------------
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis, computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def gated_rms_norm_torch(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                         swish: bool) -> torch.Tensor:
+    """RMSNorm of each head of o [rows, HV, N] times act(gate [rows, HV * N]) (swish or sigmoid), in o's dtype."""
+    g = gate.unflatten(-1, o.shape[-2:]).float()
+    act = g * torch.sigmoid(g) if swish else torch.sigmoid(g)
+    return (rms_norm_torch(o, weight, eps).float() * act).to(o.dtype)
+
+
+def swiglu_torch(h: torch.Tensor) -> torch.Tensor:
+    """silu(a) * u for h = [a | u] of shape [rows, 2N]."""
+    a, u = h.chunk(2, dim=-1)
+    return F.silu(a) * u
+
+
+def short_conv_torch(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, seq: torch.Tensor,
+                     cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU(causal depthwise conv) of packed x [total, C] whose sequences continue `tail` [N, W-1, C]; weight
+    [C, W]; seq [total]: the sequence of every token. Returns (y [total, C], new tails [N, W-1, C])."""
+    W = weight.shape[-1]
+    N, total = tail.shape[0], x.shape[0]
+    seq = seq.long()
+    # Lay each sequence out after its own tail in one buffer, then read W consecutive rows per token.
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    start = cu_seqlens[:-1] + torch.arange(N, device=x.device) * (W - 1)
+    ext = x.new_empty(total + N * (W - 1), x.shape[1])
+    tail_rows = start[:, None] + torch.arange(W - 1, device=x.device)
+    ext[tail_rows.reshape(-1)] = tail.reshape(-1, x.shape[1]).to(x.dtype)
+    local = torch.arange(total, device=x.device) - cu_seqlens[:-1][seq]
+    ext[start[seq] + local + (W - 1)] = x
+    window = ext[(start[seq] + local)[:, None] + torch.arange(W, device=x.device)]  # [total, W, C]
+    y = F.silu((window * weight.t().to(x.dtype)).sum(1))
+    new_tail = ext[(start + lengths)[:, None] + torch.arange(W - 1, device=x.device)]
+    return y, new_tail.to(tail.dtype)
+
+
+def short_conv_step_torch(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, C] one token per row; updates tail [B, W-1, C] in place; weight [C, W]."""
+    window = torch.cat([tail.to(x.dtype), x[:, None]], dim=1)
+    tail.copy_(window[:, 1:])
+    return F.silu((window * weight.t().to(x.dtype)).sum(1))
+
+
+def gdn2_gates_torch(f: torch.Tensor, b_raw: torch.Tensor, w_raw: torch.Tensor | None, A_log: torch.Tensor,
+                     dt_bias: torch.Tensor, heads: tuple[int, int, int], K: int, V: int, neg_eigval: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decay, erase and write gates (contract: gdn2.layer_kernels.gdn2_gates): g [rows, HD, K] fp32 log-decay,
+    b [rows, H_b, K], w [rows, HV, V]."""
+    HD, _, HV = heads
+    if f.shape[-1] != HD:  # one decay per channel
+        pre = f.float().unflatten(-1, (HD, K)) + dt_bias.float().view(HD, K)
+    else:  # one per head
+        pre = (f.float() + dt_bias.float())[..., None].expand(*f.shape[:-1], HD, K)
+    g = -A_log.float().exp()[:, None] * F.softplus(pre)
+    if w_raw is not None:  # separate erase and write gates
+        b = torch.sigmoid(b_raw).unflatten(-1, (heads[1], K))
+        w = torch.sigmoid(w_raw).unflatten(-1, (HV, V))
+        return g, 2 * b if neg_eigval else b, w
+    beta = torch.sigmoid(b_raw)  # one beta per value head for both
+    if neg_eigval:
+        beta = 2 * beta
+    return g, beta[..., None].expand(*beta.shape, K), beta[..., None].expand(*beta.shape, V)
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """The ops of one forward pass or step: torch or Triton, one signature each. `backend` (the resolved name)
+    goes on to the recurrence and the attention in gdn2.ops."""
+
+    backend: str
+    rms_norm: Callable
+    gated_rms_norm: Callable
+    swiglu: Callable
+    short_conv: Callable
+    short_conv_step: Callable
+    gdn2_gates: Callable
+
+
+TORCH_OPS = LayerOps("torch", rms_norm_torch, gated_rms_norm_torch, swiglu_torch, short_conv_torch,
+                     short_conv_step_torch, gdn2_gates_torch)
+
+
+def triton_ops() -> LayerOps:
+    """The Triton layer kernels (imported on first use: triton is optional)."""
+    from gdn2 import layer_kernels as K
+
+    return LayerOps("triton", K.rms_norm, K.gated_rms_norm, K.swiglu, K.short_conv, K.short_conv_step, K.gdn2_gates)
+
+
+def layer_ops(backend: str, device: torch.device | str) -> LayerOps:
+    """The ops for `backend` ("auto", "naive", "torch", "triton") on `device`: chosen once per pass."""
+    name = resolve_backend(backend, torch.device(device))
+    return triton_ops() if name == "triton" else replace(TORCH_OPS, backend=name)
+
+
+@dataclass
+class Pass:
+    """What every layer of one forward pass (or one decode step) shares.
+
+    pos: [N] tokens each row had consumed before this pass (the absolute position of its first new token).
+    cu_seqlens: the packed sequences of a forward pass; None in a decode step (one token per row).
+    cache_rows: [N] the ring row each sequence continues when the rings are read by reference (continuations of a
+        shared context: several sequences per row); None: row n. Then the SWA layers give each sequence a ring of
+        its own only if keep_cache (the pass's state is used afterwards).
+    """
+
+    ops: LayerOps
+    pos: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    cache_rows: torch.Tensor | None = None
+    keep_cache: bool = True
 
 
 class RMSNorm(nn.Module):
@@ -25,18 +158,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
-        if kernels:
-            return layer_kernels().rms_norm(x, self.weight, self.eps)
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
-
-
-def layer_kernels():
-    """The Triton layer kernels (imported on first use: triton is optional)."""
-    from gdn2 import layer_kernels as mod
-
-    return mod
+    def forward(self, x: torch.Tensor, ops: LayerOps = TORCH_OPS) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Stacked:
@@ -94,12 +217,9 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, d, bias=False)  # down
         self.w12 = Stacked(self, ["w1.weight", "w2.weight"])
 
-    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: LayerOps = TORCH_OPS) -> torch.Tensor:
         h = F.linear(x, self.w12.get())
-        if kernels:
-            return self.w3(layer_kernels().swiglu(h.view(-1, h.shape[-1])).view(*h.shape[:-1], -1))
-        a, u = h.chunk(2, dim=-1)
-        return self.w3(F.silu(a) * u)
+        return self.w3(ops.swiglu(h.view(-1, h.shape[-1])).view(*h.shape[:-1], -1))
 
 
 class LLaMAMLP(nn.Module):
@@ -107,43 +227,20 @@ class LLaMAMLP(nn.Module):
         super().__init__()
         self.swiglu = SwiGLU(config.n_embd, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
-        return self.swiglu(x, kernels)
+    def forward(self, x: torch.Tensor, ops: LayerOps = TORCH_OPS) -> torch.Tensor:
+        return self.swiglu(x, ops)
 
 
 class ShortConv(nn.Module):
     """Weights [C, 1, W] of a depthwise causal convolution + SiLU:
-    y[t] = silu(sum_j weight[:, 0, j] * x[t - W + 1 + j]). The mixer runs q, k and v's as one (short_conv)."""
+    y[t] = silu(sum_j weight[:, 0, j] * x[t - W + 1 + j]). The mixer runs q, k and v's as one (ops.short_conv)."""
 
     def __init__(self, channels: int, width: int = 4):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(channels, 1, width))
 
 
-def short_conv(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor,
-               kernels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [total, C] packed; tail [N, W-1, C] the inputs before each sequence; weight [C, 1, W].
-    Returns (y, new tail)."""
-    W = weight.shape[-1]
-    N, total = tail.shape[0], x.shape[0]
-    seq = _sequence_ids(cu_seqlens, total)
-    if kernels:
-        return layer_kernels().short_conv(x, tail, weight.view(-1, W), seq, cu_seqlens)
-    # Lay each sequence out after its own tail in one buffer, then read W consecutive rows per token.
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    start = cu_seqlens[:-1] + torch.arange(N, device=x.device) * (W - 1)
-    ext = x.new_empty(total + N * (W - 1), x.shape[1])
-    tail_rows = start[:, None] + torch.arange(W - 1, device=x.device)
-    ext[tail_rows.reshape(-1)] = tail.reshape(-1, x.shape[1]).to(x.dtype)
-    local = torch.arange(total, device=x.device) - cu_seqlens[:-1][seq]
-    ext[start[seq] + local + (W - 1)] = x
-    window = ext[(start[seq] + local)[:, None] + torch.arange(W, device=x.device)]  # [total, W, C]
-    y = F.silu((window * weight[:, 0, :].t().to(x.dtype)).sum(1))
-    new_tail = ext[(start + lengths)[:, None] + torch.arange(W - 1, device=x.device)]
-    return y, new_tail.to(tail.dtype)
-
-
-def _sequence_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+def sequence_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """int32 [total]: the packed sequence every token belongs to (once per forward pass: packing_memo)."""
     memo = packing_memo(cu_seqlens)
     key = ("sequence_ids", total)
@@ -152,15 +249,6 @@ def _sequence_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
         memo[key] = torch.repeat_interleave(
             torch.arange(len(lengths), device=cu_seqlens.device, dtype=torch.int32), lengths, output_size=total)
     return memo[key]
-
-
-def short_conv_step(x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, kernels: bool = False) -> torch.Tensor:
-    """x [B, C] one token per row; updates tail [B, W-1, C] in place; weight [C, 1, W]."""
-    if kernels:
-        return layer_kernels().short_conv_step(x, tail, weight.view(weight.shape[0], -1))
-    window = torch.cat([tail.to(x.dtype), x[:, None]], dim=1)
-    tail.copy_(window[:, 1:])
-    return F.silu((window * weight[:, 0, :].t().to(x.dtype)).sum(1))
 
 
 def apply_gate_mode(b: torch.Tensor, w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +273,8 @@ def apply_gate_mode(b: torch.Tensor, w: torch.Tensor, mode: str) -> tuple[torch.
 
 class GatedDeltaNet2(nn.Module):
     """The GDN-2 token mixer (paper section 3.5, official `lit_gpt/gdn2.py` parameter layout)."""
+
+    by_reference = ()  # its matrix state is small enough to copy per continuation
 
     def __init__(self, config: Config):
         super().__init__()
@@ -242,75 +332,54 @@ class GatedDeltaNet2(nn.Module):
         q, k, v = conv_out.split([KD, KD, self.HV * self.V], dim=-1)
         return q.unflatten(-1, (self.H, self.K)), k.unflatten(-1, (self.H, self.K)), v.unflatten(-1, (self.HV, self.V))
 
-    def _gates(self, p: dict[str, torch.Tensor], kernels: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gates(self, p: dict[str, torch.Tensor], ops: LayerOps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log-decay g [rows, HD, K] fp32, erase b [rows, H|HV, K], write w [rows, HV, V] from the projections."""
         c, K, V, HV = self.config, self.K, self.V, self.HV
-        HD = c.num_decay_heads
         f = self.f_proj[1](p["f_proj.0"]) if c.decay == "channel" else p["a_proj"]
-        w_raw = p["w_proj"] if c.beta == "channel" else None
-        if kernels:
-            g, b, w = layer_kernels().gdn2_gates(
-                f, p["b_proj"], w_raw, self.A_log, self.dt_bias, (HD, self.H if c.beta == "channel" else HV, HV),
-                K, V, c.allow_neg_eigval)
-        else:
-            if c.decay == "channel":
-                pre = f.float().unflatten(-1, (HD, K)) + self.dt_bias.float().view(HD, K)
-            else:
-                pre = (f.float() + self.dt_bias.float())[..., None].expand(*f.shape[:-1], HD, K)
-            g = -self.A_log.float().exp()[:, None] * F.softplus(pre)
-            if c.beta == "channel":
-                b = torch.sigmoid(p["b_proj"]).unflatten(-1, (self.H, K))
-                w = torch.sigmoid(w_raw).unflatten(-1, (HV, V))
-                if c.allow_neg_eigval:
-                    b = 2 * b
-            else:
-                beta = torch.sigmoid(p["b_proj"])
-                if c.allow_neg_eigval:
-                    beta = 2 * beta
-                b = beta[..., None].expand(*beta.shape, K)
-                w = beta[..., None].expand(*beta.shape, V)
+        heads = (c.num_decay_heads, self.H if c.beta == "channel" else HV, HV)
+        g, b, w = ops.gdn2_gates(f, p["b_proj"], p.get("w_proj"), self.A_log, self.dt_bias, heads, K, V,
+                                 c.allow_neg_eigval)
         if c.gate_mode != "full":
             b, w = apply_gate_mode(expand_heads(b, HV, dim=-2), w, c.gate_mode)
         return g, b.contiguous(), w.contiguous()
 
-    def _output(self, o: torch.Tensor, p: dict[str, torch.Tensor], kernels: bool) -> torch.Tensor:
+    def _output(self, o: torch.Tensor, p: dict[str, torch.Tensor], ops: LayerOps) -> torch.Tensor:
         """Per-head RMSNorm, times the activated output gate, then o_proj. o [rows, HV, V]."""
         c = self.config
         if c.out_gate == "none":
-            return self.o_proj(self.o_norm(o, kernels).flatten(-2))
+            return self.o_proj(self.o_norm(o, ops).flatten(-2))
         gate = self.g_proj[1](p["g_proj.0"]) if c.out_gate == "lowrank" else p["g_proj"]
-        if kernels:
-            o = layer_kernels().gated_rms_norm(o, gate, self.o_norm.weight, self.o_norm.eps, c.gate_act == "swish")
-        else:
-            gate = gate.unflatten(-1, (self.HV, self.V)).float()
-            act = gate * torch.sigmoid(gate) if c.gate_act == "swish" else torch.sigmoid(gate)
-            o = (self.o_norm(o).float() * act).to(o.dtype)
+        o = ops.gated_rms_norm(o, gate, self.o_norm.weight, self.o_norm.eps, c.gate_act == "swish")
         return self.o_proj(o.flatten(-2))
 
-    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], cu_seqlens: torch.Tensor,
-                backend: str = "auto") -> torch.Tensor:
+    def _conv_weight(self) -> torch.Tensor:
+        w = self.conv.get()
+        return w.view(w.shape[0], -1)  # [C, W]
+
+    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], ctx: Pass) -> torch.Tensor:
         """x [total, d] packed; updates state["S"] and state["conv"] to the end of every sequence."""
-        kernels = backend == "triton"
+        ops, cu = ctx.ops, ctx.cu_seqlens
         p = self._project(x)
-        mixed, state["conv"] = short_conv(p["qkv"], state["conv"], self.conv.get(), cu_seqlens, kernels)
+        mixed, state["conv"] = ops.short_conv(p["qkv"], state["conv"], self._conv_weight(),
+                                              sequence_ids(cu, x.shape[0]), cu)
         q, k, v = self._qkv(mixed)
-        g, b, w = self._gates(p, kernels)
+        g, b, w = self._gates(p, ops)
         o, state["S"] = gated_delta_rule2(
             q[None], k[None], v[None], g[None], b[None], w[None],
-            initial_state=state["S"], output_final_state=True, cu_seqlens=cu_seqlens,
-            use_qk_l2norm=True, backend=backend,
+            initial_state=state["S"], output_final_state=True, cu_seqlens=cu,
+            use_qk_l2norm=True, backend=ops.backend,
         )
-        return self._output(o[0], p, kernels)
+        return self._output(o[0], p, ops)
 
-    def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], backend: str = "auto") -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], ctx: Pass) -> torch.Tensor:
         """x [B, d], one token per row; updates the state in place."""
-        kernels = backend == "triton"
+        ops = ctx.ops
         p = self._project(x)
-        mixed = short_conv_step(p["qkv"], state["conv"], self.conv.get(), kernels)
+        mixed = ops.short_conv_step(p["qkv"], state["conv"], self._conv_weight())
         q, k, v = self._qkv(mixed)
-        g, b, w = self._gates(p, kernels)
-        o = gated_delta_rule2_step(q, k, v, g, b, w, state["S"], use_qk_l2norm=True, backend=backend)
-        return self._output(o, p, kernels)
+        g, b, w = self._gates(p, ops)
+        o = gated_delta_rule2_step(q, k, v, g, b, w, state["S"], use_qk_l2norm=True, backend=ops.backend)
+        return self._output(o, p, ops)
 
 
 def rotate(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
@@ -324,9 +393,11 @@ def rotate(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    """Sliding-window softmax attention with RoPE; query i sees keys i - window + 1 .. i (flash-attn convention)."""
+    """Sliding-window softmax attention with RoPE; query i sees keys i - window + 1 .. i (flash-attn convention).
 
-    Q_BLOCK = 1024  # queries per attention call in prefill: bounds the score matrix for long prompts
+    State: a ring of the last window-1 rotated keys and values per row (gdn2/state.py, gdn2/ops/swa.py)."""
+
+    by_reference = ("k", "v")  # state entries that continuations of one context may read by reference
 
     def __init__(self, config: Config):
         super().__init__()
@@ -346,63 +417,31 @@ class CausalSelfAttention(nn.Module):
         base = self.config.rope_base
         return rotate(q, pos, base), rotate(k, pos, base), v
 
-    def _cached_positions(self, n_seen: torch.Tensor) -> torch.Tensor:
-        """Absolute position held by every ring slot (negative when the slot is still empty). [N, cache_len]"""
-        Wc = self.cache_len
-        slots = torch.arange(Wc, device=n_seen.device)
-        last = n_seen[:, None] - 1
-        return last - torch.remainder(last - slots, Wc)
+    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], ctx: Pass) -> torch.Tensor:
+        """x [total, d] packed, continuing each row's ring (ctx.pos: tokens it had seen); updates the rings.
 
-    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], cu_seqlens: torch.Tensor,
-                pos0: torch.Tensor) -> torch.Tensor:
-        """x [total, d] packed; pos0 [N] tokens each row had consumed before; updates the ring buffers."""
-        cu = cu_seqlens.tolist()
-        outs = []
-        Wc = self.cache_len
-        cache_pos = self._cached_positions(pos0)
-        for n in range(len(cu) - 1):
-            L = cu[n + 1] - cu[n]
-            p = int(pos0[n]) + torch.arange(L, device=x.device)
-            q, k, v = self._qkv(x[cu[n]:cu[n + 1]], p)
-            keys = torch.cat([state["k"][n].to(k.dtype), k])
-            vals = torch.cat([state["v"][n].to(v.dtype), v])
-            kpos = torch.cat([cache_pos[n], p])
-            kvalid = torch.cat([cache_pos[n] >= 0, torch.ones(L, dtype=torch.bool, device=x.device)])
-            outs.append(self._attend_blocks(q, keys, vals, p, kpos, kvalid))
-            keep = min(L, Wc)  # only the last window-1 keys can be seen by later tokens
-            slots = torch.remainder(p[L - keep:], Wc)
-            state["k"][n].index_copy_(0, slots, k[L - keep:].to(state["k"].dtype))
-            state["v"][n].index_copy_(0, slots, v[L - keep:].to(state["v"].dtype))
-        return self.proj(torch.cat(outs).flatten(-2))
+        One attention call for all sequences (gdn2.ops.sliding_window_attention), then each sequence's last
+        window-1 keys and values go to their slots. With ctx.cache_rows the rings are read by reference and this
+        pass's rows get rings of their own only when ctx.keep_cache.
+        """
+        cu = ctx.cu_seqlens
+        seq = sequence_ids(cu, x.shape[0]).long()
+        pos = (ctx.pos - cu[:-1])[seq] + torch.arange(x.shape[0], device=x.device)  # absolute token positions
+        q, k, v = self._qkv(x, pos)
+        backend = ctx.ops.backend
+        o = sliding_window_attention(q, k, v, state["k"], state["v"], ctx.pos, cu, self.window,
+                                     cache_rows=ctx.cache_rows, backend=backend)
+        if ctx.cache_rows is not None:
+            if not ctx.keep_cache:
+                return self.proj(o.flatten(-2))
+            state["k"], state["v"] = state["k"][ctx.cache_rows], state["v"][ctx.cache_rows]
+        sliding_window_write(k, v, state["k"], state["v"], ctx.pos, cu, backend=backend)
+        return self.proj(o.flatten(-2))
 
-    def _attend_blocks(self, q, keys, vals, qpos, kpos, kvalid):
-        out = []
-        for s in range(0, q.shape[0], self.Q_BLOCK):
-            qp = qpos[s:s + self.Q_BLOCK]
-            mask = kvalid & (kpos[None, :] <= qp[:, None]) & (kpos[None, :] > qp[:, None] - self.window)
-            cols = mask.any(0).nonzero().squeeze(-1)  # only keys some query of the block can see
-            lo, hi = int(cols.min()), int(cols.max()) + 1
-            o = F.scaled_dot_product_attention(
-                q[s:s + self.Q_BLOCK].transpose(0, 1), keys[lo:hi].transpose(0, 1), vals[lo:hi].transpose(0, 1),
-                attn_mask=mask[:, lo:hi],
-            )
-            out.append(o.transpose(0, 1))
-        return torch.cat(out)
-
-    def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
-        """x [B, d] at absolute positions pos [B]; attends to the ring buffer plus itself, then stores itself."""
-        q, k, v = self._qkv(x[:, None], pos[:, None])  # [B, 1, nh, hs]
-        cache_pos = self._cached_positions(pos)
-        valid = (cache_pos >= 0) & (cache_pos > pos[:, None] - self.window)
-        keys = torch.cat([state["k"].to(k.dtype), k], dim=1)  # [B, Wc + 1, nh, hs]
-        vals = torch.cat([state["v"].to(v.dtype), v], dim=1)
-        mask = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)  # [B, Wc + 1]
-        acc = torch.promote_types(q.dtype, torch.float32)
-        scores = torch.einsum("bhd,bjhd->bhj", q[:, 0].to(acc), keys.to(acc)) / math.sqrt(self.hs)
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        o = torch.einsum("bhj,bjhd->bhd", scores.softmax(-1), vals.to(acc)).to(x.dtype)
-        rows = torch.arange(x.shape[0], device=x.device)
-        slot = torch.remainder(pos, self.cache_len)
-        state["k"][rows, slot] = k[:, 0].to(state["k"].dtype)
-        state["v"][rows, slot] = v[:, 0].to(state["v"].dtype)
+    def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], ctx: Pass) -> torch.Tensor:
+        """x [B, d] at absolute positions ctx.pos [B]: attends to the ring in place plus itself, then stores
+        itself in its slot (gdn2.ops.sliding_window_attention_step)."""
+        q, k, v = self._qkv(x, ctx.pos)
+        o = sliding_window_attention_step(q, k, v, state["k"], state["v"], ctx.pos, self.window,
+                                          backend=ctx.ops.backend)
         return self.proj(o.flatten(-2))

@@ -9,10 +9,9 @@ from gdn2.model import GPT
 CUDA = torch.cuda.is_available()
 
 
-def model_on(preset: str, device: str, backend: str = "torch") -> GPT:
-    model = GPT(Config.from_name(preset)).init_weights(seed=2).to(device).eval()
-    model.backend = backend
-    return model
+def model_on(preset: str, device: str) -> GPT:
+    """backend "auto" everywhere below: torch on the CPU, the Triton kernels on a GPU."""
+    return GPT(Config.from_name(preset)).init_weights(seed=2).to(device).eval()
 
 
 def prompts(B: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +94,7 @@ def test_cpu_cache_never_captures():
 @pytest.mark.parametrize("preset", ["tiny", "tiny_hybrid"])
 def test_cuda_graph_decoding_equals_eager(preset):
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = model_on(preset, "cuda", backend="triton")
+    model = model_on(preset, "cuda")
     cache = StepperCache(model)
     assert cache.graphs
     for B in (1, 3, 8):  # 3 pads to a 4-row graph

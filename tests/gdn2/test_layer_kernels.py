@@ -27,7 +27,7 @@ def _interpreted_modules():
     mods = {}
     for name, probe in (("gdn2.layer_kernels", "_rms_norm_kernel"), ("gdn2.ops.chunk_mild", "_mild_intra_chunk_kernel"),
                         ("gdn2.ops.chunk", "_intra_chunk_kernel"),
-                        ("gdn2.ops.recurrent", "_decode_step_kernel")):
+                        ("gdn2.ops.recurrent", "_decode_step_kernel"), ("gdn2.ops.swa_triton", "_prefill_kernel")):
         mod = importlib.import_module(name)
         if not CUDA and type(getattr(mod, probe)).__name__ != "InterpretedFunction":
             mod = importlib.reload(mod)
@@ -36,6 +36,7 @@ def _interpreted_modules():
 
 
 K = _interpreted_modules()["gdn2.layer_kernels"]
+OPS = layers.triton_ops()  # the Triton column of the ops table (after the reload above)
 
 
 def rand(*shape, seed=0, dtype=torch.float32):
@@ -66,8 +67,9 @@ def test_short_conv_over_ragged_sequences_with_tails():
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEV)
     x = rand(sum(lengths), C + 16)[:, :C]
     tail, weight = rand(len(lengths), W - 1, C, seed=1), rand(C, 1, W, seed=2)
-    y_ref, tail_ref = layers.short_conv(x, tail, weight, cu, kernels=False)
-    y, new_tail = layers.short_conv(x, tail, weight, cu, kernels=True)
+    seq = layers.sequence_ids(cu, x.shape[0])
+    y_ref, tail_ref = layers.TORCH_OPS.short_conv(x, tail, weight.view(C, W), seq, cu)
+    y, new_tail = OPS.short_conv(x, tail, weight.view(C, W), seq, cu)
     assert rel_err(y, y_ref) < TOL
     assert torch.equal(new_tail, tail_ref)  # the last inputs are copied, not computed
 
@@ -77,8 +79,8 @@ def test_short_conv_step_shifts_the_tail_in_place():
     x, weight = rand(3, C + 10)[:, :C], rand(C, 1, W, seed=2)
     tail = rand(3, W - 1, C, seed=1)
     tail_ref = tail.clone()
-    y_ref = layers.short_conv_step(x, tail_ref, weight, kernels=False)
-    y = layers.short_conv_step(x, tail, weight, kernels=True)
+    y_ref = layers.TORCH_OPS.short_conv_step(x, tail_ref, weight.view(C, W))
+    y = OPS.short_conv_step(x, tail, weight.view(C, W))
     assert rel_err(y, y_ref) < TOL and torch.equal(tail, tail_ref)
 
 
@@ -92,7 +94,7 @@ def test_gates_match_torch(variant):
     with torch.no_grad():
         attn.dt_bias.add_(rand(*attn.dt_bias.shape, seed=4))  # spread the decays
         p = attn._project(rand(11, model.config.n_embd, seed=5) * 3)
-        for a, b in zip(attn._gates(p, kernels=True), attn._gates(p, kernels=False)):
+        for a, b in zip(attn._gates(p, OPS), attn._gates(p, layers.TORCH_OPS)):
             assert a.shape == b.shape and rel_err(a, b) < TOL
 
 
@@ -129,7 +131,6 @@ def _pair(name: str, preset: str = "tiny") -> tuple[GPT, GPT]:
     fast = GPT(Config.from_name(preset, **MODELS.get(name, {}))).init_weights(seed=7).to(DEV).eval()
     ref = GPT(fast.config).to(DEV).eval()
     ref.load_state_dict(fast.state_dict())
-    fast.backend, ref.backend = "triton", "torch"
     return fast, ref
 
 
@@ -139,14 +140,15 @@ def test_model_prefill_and_steps_match_torch(name):
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 512, (3, 21), generator=gen).to(DEV)
     lengths = torch.tensor([21, 6, 13], device=DEV)
-    (la, sa), (lb, sb) = fast.prefill(tokens, lengths=lengths), ref.prefill(tokens, lengths=lengths)
+    (la, sa), (lb, sb) = (fast.prefill(tokens, lengths=lengths, backend="triton"),
+                          ref.prefill(tokens, lengths=lengths, backend="torch"))
     assert rel_err(la, lb) < 1e-4
     more = torch.randint(0, 512, (3, 9), generator=gen).to(DEV)  # continue from the carried states
-    (la, sa), (lb, sb) = fast.prefill(more, sa), ref.prefill(more, sb)
+    (la, sa), (lb, sb) = fast.prefill(more, sa, backend="triton"), ref.prefill(more, sb, backend="torch")
     assert rel_err(la, lb) < 1e-4
     for t in torch.randint(0, 512, (4, 3), generator=gen).to(DEV):
-        la, _ = fast.step(t, sa)
-        lb, _ = ref.step(t, sb)
+        la, _ = fast.step(t, sa, backend="triton")
+        lb, _ = ref.step(t, sb, backend="torch")
         assert rel_err(la, lb) < 1e-4
     for x, y in zip(sa.layers, sb.layers):
         for key in x:

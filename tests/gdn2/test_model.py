@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gdn2.config import Config
-from gdn2.layers import apply_gate_mode
+from gdn2.layers import TORCH_OPS, apply_gate_mode
 from gdn2.model import GPT
 from tests.conftest import rel_err
 
@@ -13,9 +13,7 @@ PRESETS = ["tiny", "tiny_hybrid"]
 
 
 def tiny_model(preset: str, **overrides) -> GPT:
-    model = GPT(Config.from_name(preset, **overrides)).init_weights(seed=1).double()
-    model.backend = "torch"
-    return model
+    return GPT(Config.from_name(preset, **overrides)).init_weights(seed=1).double()
 
 
 def tokens(B, T, seed=0):
@@ -60,9 +58,8 @@ def test_chunked_prefill_and_last_logits(preset):
     m, x = tiny_model(preset), tokens(3, 100, seed=3)
     lengths = torch.tensor([100, 41, 64])
     ref, s_ref = m.prefill(x, lengths=lengths)
-    m.chunk_tokens = 32
-    chunked, s = m.prefill(x, lengths=lengths)
-    last, _ = m.prefill(x, lengths=lengths, logits="last")
+    chunked, s = m.prefill(x, lengths=lengths, chunk_tokens=32)
+    last, _ = m.prefill(x, lengths=lengths, logits="last", chunk_tokens=32)
     assert rel_err(chunked, ref) < 1e-12
     assert rel_err(last, ref[torch.arange(3), lengths - 1]) < 1e-12
     assert torch.equal(s.pos, s_ref.pos)
@@ -105,8 +102,9 @@ def test_tied_mode_with_equal_gates_is_the_kda_path():
     with torch.no_grad():
         kda_model.transformer.h[0].attn.b_proj.weight.copy_(base)
         kda_model.transformer.h[1].attn.b_proj.weight.copy_(m.transformer.h[1].attn.b_proj.weight[::K])
-        m.transformer.h[1].attn.w_proj.weight.copy_(m.transformer.h[1].attn.b_proj.weight[::K].repeat_interleave(mixer.V, 0))
-        m.transformer.h[1].attn.b_proj.weight.copy_(m.transformer.h[1].attn.b_proj.weight[::K].repeat_interleave(K, 0))
+        per_head = m.transformer.h[1].attn.b_proj.weight[::K]
+        m.transformer.h[1].attn.w_proj.weight.copy_(per_head.repeat_interleave(mixer.V, 0))
+        m.transformer.h[1].attn.b_proj.weight.copy_(per_head.repeat_interleave(K, 0))
     x = tokens(1, 80)
     assert rel_err(m.prefill(x)[0], kda_model.prefill(x)[0]) < 1e-12
 
@@ -116,8 +114,8 @@ def test_scalar_b_leaves_w_untouched():
     m_sb.load_state_dict(m_full.state_dict())
     x = torch.randn(10, m_full.config.n_embd, dtype=torch.float64)
     a_full, a_sb = m_full.transformer.h[0].attn, m_sb.transformer.h[0].attn
-    g1, b1, w1 = a_full._gates(a_full._project(x), kernels=False)
-    g2, b2, w2 = a_sb._gates(a_sb._project(x), kernels=False)
+    g1, b1, w1 = a_full._gates(a_full._project(x), TORCH_OPS)
+    g2, b2, w2 = a_sb._gates(a_sb._project(x), TORCH_OPS)
     assert torch.equal(w1, w2) and torch.equal(g1, g2) and not torch.allclose(b1, b2)
     assert torch.allclose(b2, b1.mean(-1, keepdim=True).expand_as(b1))
 
@@ -129,8 +127,7 @@ def test_official_fixtures_load_by_their_own_key_names(name, shared_dir):
     ref = torch.load(d / f"official_{name}_ref.pt", weights_only=True)
     model = GPT(Config.from_dict(json.loads((d / f"official_{name}.config.json").read_text())))
     model.load_state_dict(ckpt["model"], strict=True)
-    model.backend = "torch"
-    logits = model(ref["tokens"])
+    logits = model(ref["tokens"], backend="torch")
     assert logits.dtype == torch.float32
     assert rel_err(logits, ref["logits_exact_recurrence"]) < 1e-4
 
