@@ -47,14 +47,20 @@ def _key_value_body(doc: dict) -> tuple[str, str]:
     return (text if text.endswith(".") else text + "."), _capitalised(doc["key"]) + ":"
 
 
+def _swde_body(doc: dict) -> str:
+    """The (cut) text before "Summary of information above...", without a trailing "key:" (the fork's
+    doc_to_text). A window that ends inside the summary line keeps the part of it that survived the cut."""
+    return _strip_trailing(doc["text"].split(SWDE_SUMMARY)[0], doc["key"] + ":")
+
+
 def _swde_prompt(doc: dict) -> str:
-    text = _strip_trailing(doc["text"], doc["key"] + ":")
+    text = _swde_body(doc)
     body = text.strip("\n").strip().strip("\n").strip().strip(".") + "."
     return body + " " + _capitalised(doc["key"]) + ":"
 
 
 def _swde_twice(doc: dict) -> str:
-    text = _strip_trailing(doc["text"], doc["key"] + ":")
+    text = _swde_body(doc)
     body = text.strip("\n").strip(".").strip().strip("\n").strip()
     body = body if body.endswith(".") else body + "."
     question = _capitalised(doc["key"]) + ":"
@@ -134,15 +140,9 @@ def _first(value: Any) -> str:
     return str(value)
 
 
-def cut_context(doc: dict, recipe: Recipe, tok: Tokenizer, window: int, count_bos: bool = True) -> dict | None:
-    """The doc with its context cut to `window` tokens around the answer; None when the fork drops it."""
-    context = doc[recipe.context_key].strip()
-    bos = [tok.bos_id] if count_bos and tok.bos_id is not None else []
-
-    def n_tokens(text: str) -> int:
-        return len(bos) + len(tok.encode(text))
-
-    pos = 0 if not recipe.answer_keys else -1
+def _answer_position(doc: dict, recipe: Recipe, context: str) -> int | None:
+    """The fork's character position of the answer (api/task.py L366-389); None when it drops the doc."""
+    pos = -1
     for key in recipe.answer_keys:
         answer = _first(doc[key])
         if len(answer) <= 1:
@@ -150,9 +150,31 @@ def cut_context(doc: dict, recipe: Recipe, tok: Tokenizer, window: int, count_bo
         match = re.search(re.escape(answer), context, re.IGNORECASE)
         if match and (pos < 0 or match.start() < pos):
             pos = match.start()
+    if pos < 0 and doc.get("alt_answers"):
+        for answer in doc["alt_answers"]:  # the first alternative found wins, not the earliest
+            match = re.search(re.escape(answer), context, re.IGNORECASE)
+            if match:
+                pos = match.start()
+                break
+    return 0 if not recipe.answer_keys else pos
+
+
+def cut_context(doc: dict, recipe: Recipe, tok: Tokenizer, window: int, count_bos: bool = True) -> dict | None:
+    """The doc with its context cut to `window` tokens around the answer; None when the fork drops it.
+
+    As the fork's truncate_context: the stripped context is tokenized with BOS (its HF default); the answer's
+    token position is the token count of the text before it, or of all but the last character when no answer
+    (nor alternative answer) was found, in which case a `tok_pos` the doc carries replaces it if that count
+    exceeds the window; the window starts half a window before that position, and decoding drops the BOS.
+    """
+    context = doc[recipe.context_key].strip()
+    bos = [tok.bos_id] if count_bos and tok.bos_id is not None else []
+    pos = _answer_position(doc, recipe, context)
+    if pos is None:
+        return None
     tokens = bos + tok.encode(context)
-    p = n_tokens(context[:pos])  # pos == -1 (no match): context[:-1], near the end, as in the fork
-    if doc.get("tok_pos") is not None and p > window:
+    p = len(bos) + len(tok.encode(context[:pos]))  # pos == -1: context[:-1], as in the fork
+    if pos == -1 and doc.get("tok_pos") is not None and p > window:
         p = int(doc["tok_pos"])
     start = max(0, p - window // 2)
     end = min(len(tokens), p + window - (p - start))
@@ -170,8 +192,9 @@ def build_dataset(recipe: str, twice: bool = False, **metadata: Any) -> dict[str
     make_prompt = spec.prompt_twice if twice else spec.prompt
     rows = []
     for doc in raw:
-        if recipe == "swde":  # the fork splits the summary off before cutting
-            doc = {**doc, "text": doc["text"].split(SWDE_SUMMARY)[0]}
+        # SWDE: the fork cuts the whole text, "Summary of information above..." included (its validation_docs
+        # split of the summary changes dicts that `datasets` hands out afresh, so it is lost); only the
+        # prompt (doc_to_text) drops the summary, after the cut
         if metadata.get("cutting_context", True):
             doc = cut_context(doc, spec, tok, window, bool(metadata.get("count_bos", True)))
             if doc is None:
