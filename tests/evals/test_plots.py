@@ -170,3 +170,32 @@ def test_report_runs_table_shows_the_runners_keys(runs: dict[str, Path], tmp_pat
     assert cells[1:6] == ["gdn2-b.safetensors", "gdn2", "full", "float32", "cpu"]
     assert len(cells[8]) == 16 and cells[8] != "-" and cells[9:] == ["19/20", "False"]
     assert "**Warning:** gdn2-b is incomplete: 1 of 20 task(s) missing (jrt_drop)" in text
+
+
+def test_report_runs_table_on_a_real_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real (tiny) run through run_eval.main: the Runs table shows its format, dtype, device and weights hash."""
+    import json
+
+    import run_eval
+
+    out = tmp_path / "out"
+    assert run_eval.main(["run", "--checkpoint", "demo:gdn2-demo", "--tasks", "ruler_niah_single_1", "--lengths",
+                          "512", "--num-samples", "2", "--output", str(out)]) == 0
+    capsys.readouterr()
+    config = json.loads((out / "gdn2-demo" / "config.json").read_text())
+    # a script written against lm-eval's output reads the folder unchanged
+    from lm_eval.utils import get_latest_filename, get_results_filenames, make_table
+
+    d = json.loads(Path(get_latest_filename(get_results_filenames([str(p) for p in out.rglob("*")]))).read_text())
+    assert d["config"]["model_args"].startswith("pretrained=demo:gdn2-demo") and d["model_name"] == "demo:gdn2-demo"
+    assert "ruler_niah_single_1" in make_table(d) and d["task_hashes"]["ruler_niah_single_1"]
+    assert run_eval.main(["report", str(out), "--out", str(tmp_path / "rep"), "--n-boot", "100"]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| gdn2-demo |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    model = config["model"]
+    assert cells[2] == model["format"] and cells[4:6] == [model["dtype"], model["device"]]
+    assert cells[8] == model["sha256"][:16] and cells[10] == "True"
+    assert "-" not in cells[1:7] and "Table 3:" in text and "S1 512" in text
+    assert run_eval.main(["plot", str(out), "--kind", "niah-curves", "--out", str(tmp_path / "c.png")]) == 0
+    assert_png(tmp_path / "c.png")
