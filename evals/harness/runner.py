@@ -131,7 +131,7 @@ def make_plan(spec: RunSpec) -> Plan:
         known = set(known_tasks(spec.include_path))
         for t in spec.tasks:
             if t not in known:
-                raise catalog._closest(t, sorted(known), "task")
+                _unknown_task(t, known, spec.include_path)
         task_bos = getattr(catalog, "task_bos", lambda t: None)  # the policy our task YAMLs declare
         tasks, meta, cfg, gate_modes = list(spec.tasks), {}, {}, ["full"]
         bos = {t: task_bos(t) for t in tasks if task_bos(t)}
@@ -149,6 +149,21 @@ def make_plan(spec: RunSpec) -> Plan:
     if spec.gate_modes:
         gate_modes = list(spec.gate_modes)
     return Plan(tasks, bos, meta, cfg, gate_modes, spec.suite)
+
+
+def _unknown_task(task: str, known: set[str], include_path: list[str]) -> None:
+    """Raise for a task no index holds: a broken YAML in our task folders (lm-eval's index skips those
+    silently) is the likelier cause, so it is named by file and line; else the closest names."""
+    from evals.harness.errors import broken_yaml_files
+    from tasks import catalog
+
+    roots = [catalog.TASKS_DIR, *[Path(p) for p in include_path if Path(p).is_dir()]]
+    broken = broken_yaml_files(roots)
+    if broken:
+        path, line = broken[0]
+        raise ValueError(f"unknown task {task!r}, and malformed YAML in {path} line {line} (a task file lm-eval "
+                         f"skips): fix that file, or see `run_eval.py list` for the task names")
+    raise catalog._closest(task, sorted(known), "task")
 
 
 def _load_suite(name: str):

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,16 +33,19 @@ from gdn2.model import GPT
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = ROOT / "gdn2" / "demo" / "tokenizer"
 FIXTURE_DATA = ROOT / "tests" / "fixtures" / "data"
+# sizing=tight: RULER's own sizing leaves no haystack at 256 tokens (and --metadata reaches the task this way)
 NIAH = ["--tasks", "ruler_niah_single_1", "--lengths", "256", "--num-samples", "8", "--batch-size", "2",
-        "--device", "cpu", "--dtype", "float32"]
+        "--device", "cpu", "--dtype", "float32", "--metadata", "sizing=tight"]
 N_REQUESTS = 8
 
 BATCH_FUNCTIONS = ("_greedy", "_score_batch", "_rolling_batch")
 
 
-def count_batches(count_file: Path, kill_after: int = 0, sig: str = "SIGKILL", patch=setattr) -> None:
+def count_batches(count_file: Path, kill_after: int = 0, sig: str = "SIGKILL", patch=setattr,
+                  pause: str | None = None) -> None:
     """Wrap the backend's batch functions: each computed batch appends its size to `count_file`; when
-    `kill_after` batches are done the process sends itself `sig` (so those batches are cached, the next is not)."""
+    `kill_after` batches are done the process sends itself `sig` (so those batches are cached, the next is not).
+    With `pause`, after the first batch the process creates PAUSE.started and waits until PAUSE.go exists."""
     from evals.harness import backend
 
     done = {"batches": 0}
@@ -54,6 +58,10 @@ def count_batches(count_file: Path, kill_after: int = 0, sig: str = "SIGKILL", p
             done["batches"] += 1
             with open(count_file, "a") as f:
                 f.write(f"{len(out)}\n")
+            if pause and done["batches"] == 1:
+                Path(pause + ".started").touch()
+                while not Path(pause + ".go").exists():
+                    time.sleep(0.05)
             return out
         return run
 
@@ -66,10 +74,17 @@ DRIVER = """
 import os, sys
 sys.path.insert(0, os.environ["REPO"])
 from tests.evals.test_reliability import count_batches
-count_batches(os.environ["COUNT_FILE"], int(os.environ["KILL_AFTER"]), os.environ["KILL_SIGNAL"])
+count_batches(os.environ["COUNT_FILE"], int(os.environ["KILL_AFTER"]), os.environ["KILL_SIGNAL"],
+              pause=os.environ.get("PAUSE") or None)
 import run_eval
 sys.exit(run_eval.main(sys.argv[1:]))
 """
+
+
+@pytest.fixture(autouse=True)
+def hash_cache(tmp_path_factory, monkeypatch):
+    """Content hashes are cached in a file: a test's own, not the user's ~/.cache."""
+    monkeypatch.setenv("GDN2_HASH_CACHE", str(tmp_path_factory.getbasetemp() / "file-hashes.json"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,15 +117,27 @@ def ckpt(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
-def drive(args: list[str], tmp: Path, kill_after: int = 0, sig: str = "SIGKILL") -> tuple[int, int, str]:
-    """(exit code, requests computed, stderr) of one CLI run in a subprocess."""
+def start(args: list[str], tmp: Path, kill_after: int = 0, sig: str = "SIGKILL",
+          pause: Path | None = None) -> tuple[subprocess.Popen, Path]:
+    """One CLI run in a subprocess (cwd: `tmp`, outside any git checkout) and the file counting its requests."""
     count = tmp / f"count-{os.urandom(4).hex()}"
     count.touch()
     env = {**os.environ, "REPO": str(ROOT), "COUNT_FILE": str(count), "KILL_AFTER": str(kill_after),
-           "KILL_SIGNAL": sig, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # tiny matrices: no threads
-    proc = subprocess.run([sys.executable, "-c", DRIVER, *args], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=tmp)
-    return proc.returncode, sum(int(n) for n in count.read_text().split()), proc.stderr
+           "KILL_SIGNAL": sig, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",  # tiny matrices: no threads
+           "PAUSE": str(pause or "")}
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp)
+    return proc, count
+
+
+def finish(proc: subprocess.Popen, count: Path) -> tuple[int, int, str]:
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, sum(int(n) for n in count.read_text().split()), err
+
+
+def drive(args: list[str], tmp: Path, kill_after: int = 0, sig: str = "SIGKILL") -> tuple[int, int, str]:
+    """(exit code, requests computed, stderr) of one CLI run in a subprocess."""
+    return finish(*start(args, tmp, kill_after, sig))
 
 
 def drive_here(args: list[str], tmp: Path, kill_after: int = 0) -> tuple[int, int, str]:
@@ -125,10 +152,14 @@ def drive_here(args: list[str], tmp: Path, kill_after: int = 0) -> tuple[int, in
 
 
 def stored(out: Path) -> tuple[dict, str, dict]:
-    """results.json, the samples file and meta.json of the run's only label."""
-    (label,) = [d for d in out.iterdir() if d.is_dir()]
-    return (json.loads((label / "results.json").read_text()), (label / "samples" / "ruler_niah_single_1.jsonl")
-            .read_text(), json.loads((label / "meta.json").read_text()))
+    """The results (without run dates and timings), the samples file and meta.json of the run's only label."""
+    from evals.reports.results import RunStore
+
+    (label,) = [d.name for d in out.iterdir() if d.is_dir()]
+    store = RunStore(out)
+    results = {k: v for k, v in store.read_results(label).items() if k in ("results", "configs", "n-samples",
+                                                                            "higher_is_better", "versions")}
+    return results, store.samples_path(label, "ruler_niah_single_1").read_text(), dict(store.read_meta(label))
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +206,7 @@ def test_changed_config_into_the_same_output_is_refused(ckpt, uninterrupted, tmp
         assert err.count("\n") == 1
     other = write_checkpoint(tmp_path / "other" / "tiny", seed=1)  # same label, other weights
     rc = run_eval.main(["run", "--checkpoint", str(other), *NIAH, "--output", str(out)])
-    assert rc == 2 and "sha256" in capsys.readouterr().err
+    assert rc == 2 and "weights" in capsys.readouterr().err
 
 
 # ---- the request cache --------------------------------------------------------------------------------------------
@@ -255,7 +286,7 @@ def test_checkpoint_errors_are_one_line(ckpt, tmp_path, capsys):
     no_tok = copy_ckpt(ckpt, tmp_path / "n")
     (no_tok / "tokenizer.json").unlink()
     assert "--tokenizer" in cli_error(niah(no_tok, out), capsys)
-    assert not out.exists() or not any(out.rglob("results.json"))  # no scores from any of them
+    assert not out.exists() or not any(out.rglob("results*.json"))  # no scores from any of them
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -297,7 +328,7 @@ def test_dataset_missing_offline(ckpt, tmp_path, capsys):
     err = cli_error(["run", "--checkpoint", str(ckpt), "--tasks", "lambada_openai", "--limit", "2", "--device", "cpu",
                      "--data-dir", str(empty), "--output", str(tmp_path / "out")], capsys)
     assert "offline dataset EleutherAI/lambada_openai" in err and str(empty) in err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("results.json"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("results*.json"))
 
 
 # ---- out of memory and NaN/inf ------------------------------------------------------------------------------------
@@ -306,7 +337,6 @@ def tiny_lm(batch_size: int = 8):
     from gdn2.tokenizer import load_tokenizer
 
     model = GPT(Config.from_name("tiny", vocab_size=1024)).init_weights(seed=3)
-    model.backend = "torch"
     return GDN2LM(model=model, tokenizer=load_tokenizer(TOKENIZER_DIR), bos="true", batch_size=batch_size)
 
 
@@ -408,8 +438,9 @@ def test_nan_run_fails_the_task_and_is_not_complete(ckpt, tmp_path, capsys, monk
     out = tmp_path / "out"
     args = niah(ckpt, out) + ["--limit", "1"]
     err = cli_error(args, capsys)
-    assert "1 task(s) failed" in err and "ruler_niah_single_1 doc 0" in err and "NaN" in err
-    assert not (out / ckpt.name / "results.json").exists()
+    assert "1 task(s) failed, none is saved" in err and "ruler_niah_single_1 doc 0" in err and "NaN" in err
+    assert "the rest are saved" not in err  # every task failed: nothing else was saved
+    assert not list((out / ckpt.name).glob("results*.json"))
     monkeypatch.setattr(Model, "prefill", original)  # fixed model: the same command now runs the task
     rc, err = run_cli(args, capsys)
     assert rc == 0, err
@@ -500,3 +531,117 @@ def test_a_local_run_never_opens_a_socket(ckpt, tmp_path, capsys, monkeypatch):
     assert _needs_online(spec, make_plan(spec)) == {"models": False, "datasets": False}
     spec.checkpoints = ["hf:EleutherAI/pythia-160m"]
     assert _needs_online(spec, make_plan(spec)) == {"models": True, "datasets": False}
+
+
+# ---- identity before any reuse, from contents (issue 19: 1, 2) ------------------------------------------------
+def test_finished_folder_with_a_changed_setting_is_refused_before_loading(ckpt, uninterrupted, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    before = stored(out)
+    for change, named in ((["--dtype", "bfloat16"], "dtype"), (["--tokenizer", "byte"], "tokenizer")):
+        rc, computed, err = drive_here(niah(ckpt, out) + change, tmp_path)
+        assert rc == 2 and computed == 0, err  # refused: no stored table printed, nothing computed
+        assert "different configuration" in err and named in err and "--output" in err, err
+        assert err.count("\n") == 1 and "ruler_niah_single_1 256" not in err
+    assert stored(out) == before
+
+
+def test_partial_folder_with_a_changed_setting_is_refused(ckpt, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)  # holds ruler_niah_single_1; a two-task plan finds the folder partial
+    two = ["--tasks", "ruler_niah_single_1,ruler_niah_single_2"]
+    rc, computed, err = drive_here(niah(ckpt, out) + two + ["--dtype", "bfloat16"], tmp_path)
+    assert rc == 2 and computed == 0 and "dtype" in err and "different configuration" in err, err
+    assert stored(out) == stored(uninterrupted)  # untouched
+
+
+def test_interrupted_run_resumes_after_the_repository_moved(ckpt, uninterrupted, tmp_path):
+    first_place = tmp_path / "a"
+    ck = Path(shutil.copytree(ckpt, first_place / "ckpt" / ckpt.name))
+    out = first_place / "out"
+    rc, first, err = drive_here(niah(ck, out), tmp_path, kill_after=2)
+    assert rc == 130 and first == 4, err
+    moved = tmp_path / "b"  # the whole tree elsewhere: another clone, or the repository moved
+    shutil.move(str(first_place), str(moved))
+    rc, second, err = drive_here(niah(moved / "ckpt" / ckpt.name, moved / "out"), tmp_path)
+    assert rc == 0 and second == N_REQUESTS - first, err  # the cache was found: names come from contents
+    (results, samples, _), (ref_results, ref_samples, _) = stored(moved / "out"), stored(uninterrupted)
+    assert results["results"] == ref_results["results"] and samples == ref_samples
+    # an identical tokenizer elsewhere (--tokenizer) is the same tokenizer
+    tok = Path(shutil.copytree(TOKENIZER_DIR, tmp_path / "tok"))
+    rc, third, err = drive_here(niah(moved / "ckpt" / ckpt.name, moved / "out") + ["--tokenizer", str(tok)], tmp_path)
+    assert rc == 0 and third == 0, err
+
+
+def test_identity_is_built_from_contents(ckpt, tmp_path):
+    from evals.harness import identity
+
+    def ident(path, **kw):
+        args = dict(checkpoint=str(path), tokenizer=None, dtype="auto", device="cpu", gate_mode="full",
+                    preset=None, model_args={"prefill_chunk": 4096}, limit=None, seed=0, num_fewshot=None,
+                    gen_kwargs=None, data_dir=None, tasks={"t": {"bos": "auto"}})
+        return identity.build(**{**args, **kw})[0]
+
+    copy = Path(shutil.copytree(ckpt, tmp_path / "elsewhere" / "x"))
+    a, b = ident(ckpt, data_dir=str(FIXTURE_DATA)), ident(copy, data_dir=str(tmp_path))
+    assert a.to_json() == b.to_json() and not identity.diff(a.to_json(), b)  # paths, data_dir's too, left out
+    assert a.data == "offline copy" and ident(ckpt).data == "hub"
+    a = ident(ckpt)
+    assert a.dtype == "float32" and a.model_args == {}  # "auto" resolved; prefill_chunk is an execution setting
+    assert a.weights == identity.file_sha256(ckpt / "model.safetensors")
+    c = ident(ckpt, tasks={"t": {"bos": "none"}}, dtype="bf16")
+    assert sorted(d.split()[0] for d in identity.diff(a.to_json(), c, done=["t"])) == ["dtype", "t"]
+    assert identity.diff(a.to_json(), c, done=[]) == ['dtype "float32" -> "bfloat16"']  # undone tasks may change
+    assert identity.diff({"model": {}}, a)[0].startswith("identity layout")  # an older folder's layout
+
+
+# ---- JSON read through the one reader (issue 19: 3) -----------------------------------------------------------
+def test_corrupt_json_in_the_results_folder_names_the_file(ckpt, uninterrupted, tmp_path, capsys):
+    for name, text in (("config.json", '{"checkpoint": "x", "ident'), ("meta.json", "")):
+        out = tmp_path / name
+        shutil.copytree(uninterrupted, out)
+        (out / ckpt.name / name).write_text(text)
+        err = cli_error(niah(ckpt, out), capsys)
+        assert str(out / ckpt.name / name) in err and "rerun" in err, err
+
+
+# ---- labels unique within a run (issue 19: 6) -----------------------------------------------------------------
+def test_checkpoints_whose_folders_end_alike_get_distinct_labels(ckpt, tmp_path, capsys):
+    from evals.harness.runner import checkpoint_labels
+
+    a = Path(shutil.copytree(ckpt, tmp_path / "A" / "final"))
+    b = write_checkpoint(tmp_path / "B" / "final", seed=1)
+    assert checkpoint_labels([str(a), str(b), "demo:gdn2-demo"]) == ["A-final", "B-final", "gdn2-demo"]
+    assert checkpoint_labels([str(a)]) == ["final"]  # no clash: the short label
+    out = tmp_path / "out"
+    err = cli_error(["run", "--checkpoint", str(a), "--checkpoint", f"{tmp_path}/A/../A/final", *NIAH,
+                     "--output", str(out)], capsys)
+    assert "given twice" in err and not out.exists()  # refused before any work
+    rc, computed, err = drive_here(["run", "--checkpoint", str(a), "--checkpoint", str(b), *NIAH, "--limit", "1",
+                                    "--output", str(out)], tmp_path)
+    assert rc == 0 and computed == 2, err
+    configs = {d.name: json.loads((d / "config.json").read_text())["checkpoint"] for d in out.iterdir()}
+    assert configs == {"A-final": str(a), "B-final": str(b)}
+
+
+# ---- one writer per label (issue 19: 7) -----------------------------------------------------------------------
+def test_two_runs_into_one_folder_compute_each_request_once(ckpt, tmp_path):
+    out = tmp_path / "out"
+    args = niah(ckpt, out)
+    pause = tmp_path / "pause"
+    first, first_count = start(args, tmp_path, pause=pause)
+    try:
+        while not Path(f"{pause}.started").exists():  # the first run holds the label and is mid-task
+            assert first.poll() is None, first.communicate()[1]
+            time.sleep(0.05)
+        rc, computed, err = drive(args, tmp_path)  # the same command again, meanwhile
+        assert rc == 2 and computed == 0, err
+        line = err.strip().splitlines()[-1]
+        assert "being written by another run" in line and f"pid {first.pid}" in line
+    finally:
+        Path(f"{pause}.go").touch()
+    rc, computed, err = finish(first, first_count)
+    assert rc == 0 and computed == N_REQUESTS, err
+    assert "fatal" not in err and "not a git repository" not in err  # run outside a checkout: no git noise
+    rc, computed, err = drive(args, tmp_path)  # after it: everything reused
+    assert rc == 0 and computed == 0, err
