@@ -156,6 +156,7 @@ def plot_niah_curves(results: Sequence[CheckpointResult], out_path: str | os.Pat
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%), ±1 stderr")
+    fig.suptitle("NIAH accuracy against context length; panels: RULER task (haystack, needle)", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     for ax in axes[1:]:  # a checkpoint may lack the first task
         for h, lab in zip(*ax.get_legend_handles_labels()):
