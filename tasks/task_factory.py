@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lm_eval.tasks._factory import TaskFactory
-
+from evals.harness.lm_eval_compat import task_factory_class
 from tasks.offline import redirect_config
 
 
-class SuiteTaskFactory(TaskFactory):
+class SuiteTaskFactory(task_factory_class()):  # type: ignore[misc]  # lm-eval's TaskFactory, its shape checked
     def __init__(
         self,
         *,

@@ -161,15 +161,15 @@ def guard_yaml_functions(roots: Sequence[str | os.PathLike[str]]) -> None:
     lm-eval 0.4.13 resolves `!function a.b.f` to a .py file beside the YAML, else to any importable module, and a
     leading dot-path can reach any absolute file: a task file could run arbitrary code. This wraps its resolver.
     """
-    from lm_eval.tasks import _yaml_loader
+    from evals.harness import lm_eval_compat
 
     for r in roots:
         p = Path(r).resolve()
         if p not in _YAML_ROOTS:
             _YAML_ROOTS.append(p)
-    if getattr(_yaml_loader._import_func_in_yml, "_gdn2_guard", False):
+    original = lm_eval_compat.yaml_function_resolver()
+    if getattr(original, "_gdn2_guard", False):
         return
-    original = _yaml_loader._import_func_in_yml
 
     def guarded(qual: str, base_dir: Path):
         target = _function_file(qual, Path(base_dir))
@@ -181,7 +181,8 @@ def guard_yaml_functions(roots: Sequence[str | os.PathLike[str]]) -> None:
         return original(qual, base_dir)
 
     guarded._gdn2_guard = True  # type: ignore[attr-defined]
-    _yaml_loader._import_func_in_yml = guarded
+    guarded.__wrapped__ = original  # type: ignore[attr-defined]
+    lm_eval_compat.set_yaml_function_resolver(guarded)
 
 
 def default_yaml_roots() -> list[Path]:

@@ -14,21 +14,22 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from evals.harness.lm_eval_compat import MODELS_MODULE  # standard library imports only: fine at interpreter start
+
 PTH_NAME = "gdn2_eval_lm_eval_plugin.pth"
 TARGET = "evals.harness.backend:GDN2LM"
 
 
 def register() -> None:
-    from lm_eval.api.registry import model_registry
+    from evals.harness.lm_eval_compat import register_model_lazy
 
-    if "gdn2" not in model_registry:
-        model_registry.register("gdn2", target=TARGET)
+    register_model_lazy("gdn2", TARGET)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
     """Lets the normal import of lm_eval.models run, then adds our model to the registry."""
 
-    name = "lm_eval.models"
+    name = MODELS_MODULE
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
@@ -49,7 +50,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
 def activate() -> None:
     """Called from the .pth file: register now if lm-eval is already imported, else when it is."""
-    if "lm_eval.models" in sys.modules:
+    if MODELS_MODULE in sys.modules:
         register()
     elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
@@ -57,7 +58,8 @@ def activate() -> None:
 
 def pth_line() -> str:
     # site.py executes .pth lines that start with "import"; a missing or foreign `evals` must stay silent
-    body = "try:\n    from evals.harness import lm_eval_plugin\n    lm_eval_plugin.activate()\nexcept Exception:\n    pass"
+    body = ("try:\n    from evals.harness import lm_eval_plugin\n    lm_eval_plugin.activate()\n"
+            "except Exception:\n    pass")
     return f"import sys; exec({body!r})\n"
 
 

@@ -73,9 +73,14 @@ class RequestCache:
 @contextmanager
 def durable_cache() -> Iterator[None]:
     """Within the block, lm-eval's CachingLM (simple_evaluate's use_cache) keeps its responses in a RequestCache."""
-    import lm_eval.api.model as lm_model
+    from evals.harness.lm_eval_compat import caching_lm_replaced
 
-    original = lm_model.CachingLM
+    with caching_lm_replaced(durable_caching_lm):
+        yield
+
+
+def durable_caching_lm(original: type) -> type:
+    """lm-eval's CachingLM with its SqliteDict swapped for a RequestCache (lookup and hashing stay lm-eval's)."""
 
     class DurableCachingLM(original):  # type: ignore[misc, valid-type]
         def __init__(self, lm, cache_db: str) -> None:
@@ -84,8 +89,4 @@ def durable_cache() -> Iterator[None]:
             self.dbdict = RequestCache(cache_db)
             lm.set_cache_hook(self.get_cache_hook())
 
-    lm_model.CachingLM = DurableCachingLM
-    try:
-        yield
-    finally:
-        lm_model.CachingLM = original
+    return DurableCachingLM
