@@ -28,14 +28,59 @@ LM_EVAL_TASKS = [
 BOS_POLICIES = ("bos", "none")
 
 
-def _our_tasks() -> list[str]:
-    names = []
+def _read_task_yaml(path: Path) -> dict[str, Any]:
+    """A task YAML with its `include:` chain merged in as lm-eval does (top-level keys of the includer win)."""
+    cfg = yaml.safe_load(path.read_text().replace("!function", "")) or {}
+    included = cfg.pop("include", None)
+    if not included:
+        return cfg
+    return {**_read_task_yaml(path.parent / included), **cfg}
+
+
+@functools.lru_cache(maxsize=1)
+def _task_configs() -> dict[str, dict[str, Any]]:
+    configs = {}
     for path in sorted(TASKS_DIR.glob("*/*.yaml")):
         if path.parent != SUITES_DIR:
-            cfg = yaml.safe_load(path.read_text().replace("!function", "")) or {}
+            cfg = _read_task_yaml(path)
             if isinstance(cfg.get("task"), str):
-                names.append(cfg["task"])
-    return sorted(names)
+                configs[cfg["task"]] = cfg
+    return configs
+
+
+def _our_tasks() -> list[str]:
+    return sorted(_task_configs())
+
+
+def task_bos(task: str) -> str | None:
+    """The BOS policy our task declares in its YAML metadata: "bos" (one BOS before every context, as RULER's
+    Hugging Face client) or "none" (the JRT harness); None for lm-eval's own tasks, whose policy is the suite's
+    or the backend's default. A suite's `bos`/`bos_by_task` overrides it."""
+    cfg = _task_configs().get(task)
+    if cfg is None:
+        return None
+    policy = (cfg.get("metadata") or {}).get("bos")
+    if policy not in BOS_POLICIES:
+        raise ValueError(f"task {task}: metadata bos {policy!r}; expected one of {', '.join(BOS_POLICIES)}")
+    return policy
+
+
+def task_needs_hub(task: str, metadata: dict[str, Any] | None = None, data_dir: str | Path | None = None) -> bool:
+    """Whether `task` reads a Hugging Face dataset with this run's metadata (so the run must allow the network).
+
+    RULER tasks generate their data: only an essay haystack with neither `essay_dir` nor `data_dir` reads the
+    hub (lm-eval's `baber/paul_graham_essays`). Every other task reads the hub unless `data_dir` is given.
+    """
+    meta = metadata or {}
+    if data_dir or meta.get("data_dir"):
+        return False
+    cfg = _task_configs().get(task)
+    if cfg is None or not task.startswith("ruler_"):
+        return True
+    from tasks.ruler.niah import VARIANTS
+
+    variant = VARIANTS[(cfg.get("dataset_kwargs") or {})["variant"]]
+    return (meta.get("haystack") or variant.haystack) == "essay" and not meta.get("essay_dir")
 
 
 def list_tasks() -> list[str]:
@@ -173,6 +218,9 @@ def load_suite(name: str) -> Suite:
     bos = raw.get("bos")
     bos_by_task.update({t: bos for t in raw["tasks"] or [] if bos})
     bos_by_task.update(raw.get("bos_by_task") or {})
+    for task in tasks:  # what the suite leaves open, the task's own declaration decides
+        if task not in bos_by_task and task_bos(task):
+            bos_by_task[task] = task_bos(task)
     columns = {k: Column(**v) for k, v in (raw.get("columns") or {}).items()}
     suite = Suite(
         name=raw.get("suite", Path(name).stem),

@@ -91,3 +91,52 @@ def test_all_holds_every_task_with_a_bos_policy():
     suite = load_suite("all")
     assert set(suite.tasks) == set(list_tasks())
     assert set(suite.bos_by_task) == set(suite.tasks)
+
+
+def test_each_of_our_tasks_declares_its_bos_policy():
+    from tasks.catalog import task_bos
+
+    for task in list_tasks():
+        expected = "none" if task.startswith("jrt_") else "bos" if task.startswith("ruler_") else None
+        assert task_bos(task) == expected, task
+
+
+def test_a_suite_falls_back_to_the_tasks_bos_policy_and_can_override_it(tmp_path, monkeypatch):
+    from tasks import catalog
+
+    (tmp_path / "mine.yaml").write_text("suite: mine\ntasks: [jrt_swde, ruler_niah_single_1, piqa]\n"
+                                        "bos_by_task: {ruler_niah_single_1: none, piqa: bos}\n")
+    (tmp_path / "open.yaml").write_text("suite: open\ntasks: [jrt_swde, piqa]\n")
+    monkeypatch.setattr(catalog, "SUITES_DIR", tmp_path)
+    assert catalog.load_suite("mine").bos_by_task == {"jrt_swde": "none", "ruler_niah_single_1": "none",
+                                                      "piqa": "bos"}
+    with pytest.raises(ValueError, match="no BOS policy for piqa"):  # lm-eval's tasks declare none
+        catalog.load_suite("open")
+
+
+def test_the_declared_bos_policy_is_in_the_task_metadata_that_results_record(data_dir):
+    from tasks.catalog import task_manager
+
+    tm = task_manager(data_dir=data_dir, metadata={"tokenizer": "byte"})
+    task = tm.load(["jrt_swde"])["tasks"]["jrt_swde"]
+    assert task.config.metadata["bos"] == "none"
+
+
+def test_a_malformed_bos_declaration_is_a_clear_error(monkeypatch):
+    from tasks import catalog
+
+    configs = {**catalog._task_configs(), "jrt_swde": {"task": "jrt_swde", "metadata": {"bos": "yes"}}}
+    monkeypatch.setattr(catalog, "_task_configs", lambda: configs)
+    with pytest.raises(ValueError, match="jrt_swde: metadata bos 'yes'"):
+        catalog.task_bos("jrt_swde")
+
+
+def test_which_tasks_need_the_hub():
+    from tasks.catalog import task_needs_hub
+
+    assert not task_needs_hub("ruler_niah_single_1")  # noise: generated here
+    assert task_needs_hub("ruler_niah_single_2")  # essays from lm-eval's HF dataset
+    assert not task_needs_hub("ruler_niah_single_2", {"essay_dir": "/essays"})
+    assert not task_needs_hub("ruler_niah_single_2", {"haystack": "noise"})
+    assert not task_needs_hub("ruler_niah_multikey_1", data_dir="/data")  # <data_dir>/paul_graham_essays
+    assert task_needs_hub("jrt_swde") and task_needs_hub("piqa") and not task_needs_hub("piqa", data_dir="/d")
