@@ -73,12 +73,12 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 / seconds
 
 
-def prefill_last(model, tokens: torch.Tensor, chunk_tokens: int):
+def prefill_last(model, tokens: torch.Tensor, chunk_tokens: int, backend: str = "auto"):
     """model.prefill(tokens, logits="last") in passes of `chunk_tokens` columns: (last logits [B, V], state).
 
-    The benchmark's only prefill call with a chunk (decode's prompt, the long-prompt section).
+    The benchmark's only prefill call (decode's prompt, the long-prompt section); `backend` as GDN2LM's default.
     """
-    return model.prefill(tokens, logits="last", chunk_tokens=chunk_tokens)
+    return model.prefill(tokens, logits="last", backend=backend, chunk_tokens=chunk_tokens)
 
 
 def version(module: str) -> str | None:

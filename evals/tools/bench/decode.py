@@ -32,7 +32,7 @@ def ours_decode(h: Harness, B: int, prompt: int, steps: int, device: str) -> dic
 
     model = h.model
     tokens = torch.randint(len(SPECIALS), model.config.vocab_size, (B, prompt), device=device)
-    logits, state = prefill_last(model, tokens, h.prefill_chunk)
+    logits, state = prefill_last(model, tokens, h.prefill_chunk, h.backend)
 
     def per_token(stepper: Stepper) -> float:
         stepper.load(state, logits)
@@ -45,14 +45,14 @@ def ours_decode(h: Harness, B: int, prompt: int, steps: int, device: str) -> dic
         sync(device)
         return (time.perf_counter() - t0) / steps * 1e3
 
-    row = dict(B=B, ours_ms=per_token(Stepper(model, B, graph=False)), state_bytes=state.nbytes(),
+    row = dict(B=B, ours_ms=per_token(Stepper(model, B, graph=False, backend=h.backend)), state_bytes=state.nbytes(),
                traffic_bytes=state_traffic_bytes(state))
     if not is_cuda(device):
         row["ours_graph_ms"] = None
         row["graph_note"] = "cuda only"
         return row
     try:
-        row["ours_graph_ms"] = per_token(Stepper(model, B, graph=True))
+        row["ours_graph_ms"] = per_token(Stepper(model, B, graph=True, backend=h.backend))
     except Exception as err:  # a host sync inside the step makes capture fail; report it instead of stopping
         row["ours_graph_ms"] = None
         row["graph_note"] = f"capture failed: {type(err).__name__}: {str(err)[:80]}"

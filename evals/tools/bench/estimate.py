@@ -14,6 +14,7 @@ HYBRID_RATE = {"mc": 62.5, "lambada": 73.0, "recall": 10.9, "niah": 3.4}
 SWEEP_SLOWDOWN = 0.6  # the sweep's mean rate over its best (batch 32 ran the anchor at 0.25-0.5x its best)
 FP32_SLOWDOWN = {"ours": 0.1, "anchor": 0.25}  # the 2026-12-02 fp32 run against bf16
 FIRST_COMPILE_S = {"ours": 10.0, "anchor": 100.0}  # the first pass of the first mix compiles (fla autotunes)
+FIRST_COMPILE_FP32_S = {"ours": 30.0, "anchor": 200.0}  # the same in the fp32 run (2026-12-02: 32 s and 195 s)
 SETUP_S = 60.0  # build the random model, write the fla folder (2.6 GB), load both harnesses, rates
 OURS_DECODE_MS = (1.4, 0.012)  # graph-replayed ms per token at batch B: a + b * B (eager: about 11 ms)
 OURS_EAGER_MS = 11.5
@@ -77,7 +78,8 @@ def estimate(a, params: float, hybrid: bool) -> list[tuple[str, float, str]]:
                 s += _mix_passes(n, d, ANCHOR_RATE[n] * (FP32_SLOWDOWN["anchor"] if fp32 else 1), ab, scale, True)
                 how += f", anchor at {ab}"
             if first:
-                s += (FIRST_COMPILE_S["ours"] + (FIRST_COMPILE_S["anchor"] if a.anchor else 0)) * max(scale, 0.05)
+                compile_s = FIRST_COMPILE_FP32_S if fp32 else FIRST_COMPILE_S
+                s += (compile_s["ours"] + (compile_s["anchor"] if a.anchor else 0)) * max(scale, 0.05)
                 first = False
             rows.append((f"mixes: {n}", s, how))
     return rows

@@ -21,6 +21,7 @@ class Harness:
     model: Any  # the torch module behind it, for decode timing and the compute floor
     note: str = ""
     prefill_chunk: int = 16384  # ours: prefill columns per pass
+    backend: str = "auto"  # ours: the kernels (GDN2LM's default), for the calls the benchmark makes itself
 
     def set_batch(self, rows: int) -> None:
         """Rows per forward for the next pass (ours: Batching.batch_size; HFLM: batch_size_per_gpu)."""
