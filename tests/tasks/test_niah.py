@@ -360,3 +360,12 @@ def test_scoring_is_rulers_string_match_all_per_length():
     assert niah_utils.process_results(doc, ["\x00 1234567\n"]) == {"2048": 0.5}
     assert niah_utils.process_results(doc, ["no idea"]) == {"2048": 0.0}
     assert niah_utils.string_match_all("The UUID Is ABC-def", ["abc-DEF"]) == 1.0
+
+
+def test_lengths_script_prints_one_row_per_task(capsys):
+    from tasks.ruler import lengths
+
+    lengths.main(["--tokenizer", "byte", "--essay-dir", str(ESSAY_DIR), "--lengths", "4096", "--samples", "3"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| task | ruler 4K | ruler-linear 4K | tight 4K |" and len(out) == 2 + len(lengths.TASKS)
+    assert out[3].startswith("| S-NIAH-2 | ") and out[3].count("%") == 2
