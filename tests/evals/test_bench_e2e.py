@@ -272,3 +272,22 @@ def test_anchor_generate_warning_names_the_broken_transformers_versions():
     assert anchor_generate_warning("5.17.0", "0.6.0") is None
     assert "transformers < 5.24" in anchor_generate_warning("5.24.0", "0.6.0")
     assert anchor_generate_warning("5.24.0", None) is None
+
+
+def test_mixes_section_sweeps_and_compares_both_harnesses(folder_and_model):
+    """The anchor's side of the mixes section, with our backend standing in for lm-eval's hf model (fla is absent
+    here): both swept, the best of each reported with its batch, log-likelihoods compared."""
+    from evals.tools.bench.harnesses import load_ours
+    from evals.tools.bench.mixes import bench_mixes
+
+    folder, model = folder_and_model
+    ours, stand_in = (load_ours(folder, "cpu", "float32", 4, 1 << 14, 64) for _ in range(2))
+    stand_in.name = "anchor"
+    report = bench_report.Report(env={}, setup={})
+    bench_mixes(report, ours, stand_in, None, word_list(model.config.vocab_size - 3), {"mc": 2, "recall": 1}, 0.05,
+                2, "cpu", [1, 2], [2, 8], 1, 1e9, lambda msg: None)
+    mc, recall = report.mixes
+    assert [x["batch"] for x in mc["ours_sweep"]] == [1, 2] and [x["batch"] for x in mc["anchor_sweep"]] == [2, 8]
+    assert mc["anchor_best_batch"] in (2, 8) and mc["ratio"] == pytest.approx(mc["ours_req_s"] / mc["anchor_req_s"])
+    assert mc["max_abs_ll_diff"] < 1e-4 and mc["acc_agree"] == 1.0  # one function, one dtype: same numbers
+    assert [x["batch"] for x in recall["anchor_sweep"]] == [MIXES["recall"].anchor_batch] and recall["same_text"] == 1
