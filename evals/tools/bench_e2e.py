@@ -229,7 +229,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-fp32", action="store_true", help="float32 with exact dots in both harnesses: sets "
                    "TRITON_F32_DEFAULT=ieee before anything compiles and torch's fp32 matmul precision to highest")
     p.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run lm-eval's hf model on fla's KDAForCausalLM when fla and transformers import")
+                   help="also run lm-eval's hf model on fla's KDAForCausalLM when fla and transformers import "
+                   "(recurrent shapes; a hybrid is compared with its recurrent twin instead)")
     p.add_argument("--out", help="report file: tables to .md and numbers to .json (default results/bench/e2e-...)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)}")
     p.add_argument("--counts", default="", help="documents per mix, e.g. mc=1000,lambada=2000,recall=32,niah=4 "

@@ -96,5 +96,5 @@ def bench_decode(report, ours: Harness, anchor: Harness | None, batches: list[in
                 row["anchor_tok_s"] = B / row["anchor_ms"] * 1e3
             except Exception as err:  # the anchor failing must not lose our rows
                 row["anchor_note"] = f"{type(err).__name__}: {str(err)[:80]}"
+        report.decode.append(row)  # before log: each log line rewrites the report
         log(f"decode B={B}: ours {row['ours_best_ms']:.3f} ms/token, floor {row['floor_ms']:.3f} ms")
-        report.decode.append(row)
