@@ -84,6 +84,14 @@ def bench_mixes(report, ours: Harness, anchor: Harness | None, anchor_why: str |
                 counts: dict[str, int], length_scale: float, gen_cap: int | None, device: str,
                 ours_batches: list[int], anchor_batches: list[int], gen_batch: int, flops_per_s: float,
                 log: Callable[[str], None], profile_dir: str | None = None) -> None:
+    if any(docs > 0 and MIXES[n].kind == "loglikelihood" for n, docs in counts.items()):
+        p = param_split(ours.model)
+        report.notes.append(
+            f"compute floor (floor s) = (2 x {p['body'] / 1e6:.1f}M block params x (each distinct context once + "
+            f"each continuation but its last token) + 2 x {p['head'] / 1e6:.1f}M lm_head params x scored tokens) / "
+            f"the {flops_per_s / 1e12:.3g} TFLOP/s of dense matmuls measured in this run, this dtype; embeddings "
+            "cost none, "
+            "attention and recurrence FLOPs are left out (a lower bound)")
     for name, docs in counts.items():
         if docs <= 0:
             continue
