@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,9 @@ DATA_DIR = ROOT / "tests" / "fixtures" / "data"
 TOKENIZER_DIR = ROOT / "gdn2" / "demo" / "tokenizer"
 TASKS = "ruler_niah_single_1,piqa"
 LABEL = "tiny"
+# the sections of a results file that the numbers decide (the rest: dates, durations, the environment)
+WRITTEN_BY_THE_RUN = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
+                      "n-samples", "task_hashes", "model_name")
 
 
 def _tiny_checkpoint(out: Path) -> Path:
@@ -44,17 +48,19 @@ def _launch(launcher: list[str], checkpoint: Path, output: Path) -> tuple[list[s
     env.update(OMP_NUM_THREADS="1", GDN2_DEBUG="1", PYTHONPATH=str(ROOT))
     cmd = [*launcher, str(ROOT / "run_eval.py"), "run", "--checkpoint", str(checkpoint), "--tasks", TASKS,
            "--lengths", "256", "--num-samples", "6", "--data-dir", str(DATA_DIR), "--device", "cpu",
-           "--batch-size", "4", "--output", str(output)]
+           "--batch-size", "4", "--output", str(output), "--metadata", "sizing=tight"]
     return cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _folder(path: Path) -> dict[str, object]:
-    """Everything a run writes except wall-clock data (timings, dates) and the per-rank request caches."""
+    """Everything a run writes except wall-clock data (timings, dates, environment) and the per-rank request
+    caches; lm-eval's date-stamped file names (results_<date>.json, samples_<task>_<date>.jsonl) without the date."""
     files = {}
     for f in sorted(path.rglob("*")):
         rel = f.relative_to(path).as_posix()
-        if f.is_dir() or rel.startswith("cache/"):
+        if f.is_dir() or rel.startswith("cache/") or rel == ".lock":
             continue
+        rel = re.sub(r"_\d{4}-\d{2}-\d{2}T[\d.-]+(?=\.jsonl?$)", "", rel)
         if f.suffix == ".jsonl":
             files[rel] = [json.loads(line) for line in f.read_text().splitlines()]
         else:
@@ -62,6 +68,7 @@ def _folder(path: Path) -> dict[str, object]:
     meta = files["meta.json"]
     for key in ("timings", "load_seconds", "finished"):
         meta.pop(key)
+    files["results.json"] = {k: v for k, v in files.pop("results.json").items() if k in WRITTEN_BY_THE_RUN}
     return files
 
 
@@ -82,13 +89,13 @@ def runs(tmp_path_factory) -> tuple[dict, dict]:
 def test_two_ranks_write_the_single_process_results(runs):
     single, dp = runs
     assert sorted(dp) == sorted(single)
-    assert {"results.json", "config.json", "meta.json", "samples/piqa.jsonl",
-            "samples/ruler_niah_single_1.jsonl"} <= set(single)
+    assert {"results.json", "config.json", "meta.json", "samples_piqa.jsonl",
+            "samples_ruler_niah_single_1.jsonl"} <= set(single)
     for name in single:
         assert dp[name] == single[name], name
     results = single["results.json"]["results"]
     assert "acc,none" in results["piqa"] and "256,none" in results["ruler_niah_single_1"]
-    assert len(single["samples/ruler_niah_single_1.jsonl"]) == 6
+    assert len(single["samples_ruler_niah_single_1.jsonl"]) == 6
     assert single["meta.json"]["complete"] is True
 
 
