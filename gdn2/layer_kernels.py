@@ -1,9 +1,9 @@
 """Triton kernels for the work around the recurrence: norms, the short convolution, gate activations, SwiGLU.
 
-Each replaces a chain of small torch ops (layers.py keeps the torch version beside each call) with one launch; in a
-decode step, where every tensor is a few kilobytes, the number of launches is what costs time. All arithmetic is
-fp32; results are stored in the output's dtype. Rows may be strided (slices of one packed projection); the last
-axis must be contiguous.
+Each replaces a chain of small torch ops with one launch (layers.py holds the torch twin of each, with the same
+signature, in the LayerOps table chosen once per pass); in a decode step, where every tensor is a few kilobytes,
+the number of launches is what costs time. All arithmetic is fp32; results are stored in the output's dtype. Rows
+may be strided (slices of one packed projection); the last axis must be contiguous.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Per GDN-2 layer: the fp32 matrix state S [N, HV, dk, dv] and the short-conv tail
 W-1 conv inputs of q, k and v side by side). Per SWA layer: a ring buffer of rotated keys and values
 [N, window-1, heads, head_size]; the key of absolute position p lives in slot p % (window-1). `pos` [N] counts the
 tokens each row has consumed. Every tensor has the row axis first, so selecting rows, repeating a row n times
-(one context scored against n continuations) and cloning are one uniform operation.
+and cloning are one uniform operation. To score n continuations of one context, `GPT.prefill(..., rows=parent)`
+continues the context's rows without copying its rings (select would copy window-1 keys per continuation).
 """
 from __future__ import annotations
 

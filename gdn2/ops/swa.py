@@ -165,7 +165,8 @@ def swa_write_torch(k, v, k_cache, v_cache, pos0, cu_seqlens) -> None:
 
 def swa_step_torch(q, k, v, k_cache, v_cache, pos, window, scale=None) -> torch.Tensor:
     """One query per row (q, k, v [B, nh, hs] at absolute positions pos [B]) over its ring and itself; then its
-    key and value are written to slot pos % Wc, in place. The ring is read as stored (no concatenation)."""
+    key and value are written to slot pos % Wc, in place. No concatenation with the ring; it is upcast only when
+    stored below fp32 (this is the CPU reference; the Triton step reads bf16 rings as stored)."""
     Wc, hs = k_cache.shape[1], q.shape[-1]
     scale = 1 / math.sqrt(hs) if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
