@@ -1,6 +1,9 @@
 """The lm-eval backend "gdn2": a TemplateLM over the GDN-2 model's explicit recurrent state.
 
-    lm_eval --model gdn2 --model_args checkpoint=PATH,bos=true,dtype=bfloat16 --include_path tasks --tasks ...
+    lm_eval --model gdn2 --model_args pretrained=PATH,bos=true,dtype=bfloat16 --include_path tasks --tasks ...
+
+(`pretrained=` and `checkpoint=` are the same argument; lm-eval names its output folder after `pretrained`.
+GDN2LM.MODEL_ARGS lists the accepted model args; any other is refused, naming them.)
 
 What a recurrent model buys, and how it is used here:
   - loglikelihood: requests that share a context are grouped; the context is prefilled once, its state is
@@ -13,6 +16,8 @@ sorted by length and batched under a token budget; results come back in request 
 """
 from __future__ import annotations
 
+import difflib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,9 +29,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from evals.harness import guards
+from evals.harness.lm_eval_compat import encode_pair_texts
 from gdn2.generate import StepperCache, greedy_blocks
 from gdn2.model import GPT
 from gdn2.tokenizer import Tokenizer
+
+log = logging.getLogger("gdn2")
 
 BOS_VALUES = {"auto": None, "true": True, "bos": True, "1": True, "yes": True,
               "false": False, "none": False, "0": False, "no": False}
@@ -46,33 +54,100 @@ class Batching:
 
 @dataclass
 class Progress:
-    """Counts tokens and requests; the CLI points `hook` at a progress bar."""
+    """Counts tokens and requests of each request list lm-eval hands the model.
+
+    Our CLI points `start_hook` (total requests of the list starting) and `hook` (requests done, tokens consumed)
+    at its own bars; with no hook set (lm-eval's CLI), `start` opens a tqdm bar instead, lm-eval's habit, unless
+    the caller passed disable_tqdm (or TQDM_DISABLE is set).
+    """
 
     hook: Callable[[int, int], None] | None = None  # (requests done, tokens consumed)
+    start_hook: Callable[[int], None] | None = None  # (total requests of the list that starts)
     tokens: int = 0
     requests: int = 0
     log: list = field(default_factory=list)
+    bar: Any = None  # the tqdm bar of the list in flight, when no hook is set
+    bar_tokens0: int = 0  # tokens counted when that bar opened (for its tok/s)
+
+    def start(self, total: int, desc: str, disable: bool = False) -> None:
+        self.finish()
+        if self.start_hook:
+            self.start_hook(total)
+        elif self.hook is None and not disable:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="req")
+            self.bar_tokens0 = self.tokens
 
     def update(self, requests: int, tokens: int) -> None:
         self.requests += requests
         self.tokens += tokens
         if self.hook:
             self.hook(requests, tokens)
+        if self.bar is not None:
+            elapsed = self.bar.format_dict.get("elapsed") or 0.0
+            if elapsed > 0:
+                self.bar.set_postfix_str(f"{(self.tokens - self.bar_tokens0) / elapsed:,.0f} tok/s", refresh=False)
+            self.bar.update(requests)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    @contextmanager
+    def running(self, total: int, desc: str, disable: bool = False) -> Iterator[None]:
+        """start(...) around one request list, closing its bar however the list ends."""
+        self.start(total, desc, disable)
+        try:
+            yield
+        finally:
+            self.finish()
+
+
+DEFAULT_BATCH_SIZE = 32
+AUTO_BATCH_LIMIT = 1024  # batch_size=auto probes up to this many rows unless max_batch_size says otherwise
+
+
+def unknown_model_args_message(unknown: list[str], valid: tuple[str, ...]) -> str:
+    """One line naming the unknown model args, the closest valid names and all valid ones."""
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return (f"unknown gdn2 model arg{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: valid --model_args are "
+            f"{', '.join(valid)}")
 
 
 @register_model("gdn2")
 class GDN2LM(TemplateLM):
     """lm-eval LM over a GDN-2 family model (GDN-2, KDA, Gated DeltaNet, hybrids)."""
 
+    # Every name --model_args may set (`model` is Python-only: a GPT instance). batch_size, max_batch_size and
+    # device also come from lm-eval's own --batch_size/--max_batch_size/--device; trust_remote_code from its
+    # --trust_remote_code, which lm-eval adds to every model's args (no effect here: gdn2 runs no remote code).
+    MODEL_ARGS = ("pretrained", "checkpoint", "tokenizer", "device", "dtype", "batch_size", "max_batch_size",
+                  "max_batch_tokens", "max_gen_toks", "bos", "gate_mode", "preset", "backend", "prefill_chunk",
+                  "cuda_graphs", "trust_remote_code")
+
+    @classmethod
+    def check_model_args(cls, args: dict[str, Any] | list[str]) -> None:
+        """Raise ValueError (one line, listing the valid names) for any name that is not a gdn2 model arg."""
+        unknown = [k for k in args if k not in cls.MODEL_ARGS]
+        if unknown:
+            raise ValueError(unknown_model_args_message(unknown, cls.MODEL_ARGS))
+
     def __init__(
         self,
         checkpoint: str | None = None,
         *,
+        pretrained: str | None = None,
         model: GPT | None = None,
         tokenizer: Tokenizer | str | None = None,
         device: str | None = None,
         dtype: str = "auto",
-        batch_size: int | str = 32,
+        batch_size: int | str | None = DEFAULT_BATCH_SIZE,
+        max_batch_size: int | None = None,
         max_batch_tokens: int = 65536,
         max_gen_toks: int = 256,
         bos: str | bool = "auto",
@@ -81,19 +156,26 @@ class GDN2LM(TemplateLM):
         backend: str = "auto",
         prefill_chunk: int = 16384,
         cuda_graphs: bool | str = True,
-        **unused: Any,
+        trust_remote_code: bool | str = False,
+        **unknown: Any,
     ) -> None:
         super().__init__()
+        self.check_model_args(list(unknown))
+        if pretrained is not None and checkpoint is not None and str(pretrained) != str(checkpoint):
+            raise ValueError(f"checkpoint={checkpoint} and pretrained={pretrained} name two checkpoints: "
+                             f"pass one of them (they are the same argument)")
+        checkpoint = checkpoint if checkpoint is not None else pretrained
+        rows, auto = _batch_size_arg(batch_size)
         self.loaded = None
         if model is None:
             if checkpoint is None:
-                raise ValueError("gdn2 needs checkpoint=PATH_OR_NAME in --model_args (see `run_eval.py list`)")
+                raise ValueError("gdn2 needs pretrained=PATH_OR_NAME (or checkpoint=) in --model_args "
+                                 "(see `run_eval.py list`)")
             from gdn2.checkpoint import load_checkpoint
 
             if device and device.startswith("cuda") and not torch.cuda.is_available():
-                import logging  # lm-eval's CLI asks for cuda by default; follow HFLM and fall back
-
-                logging.getLogger("gdn2").warning("device %s is not available: using cpu", device)
+                # lm-eval's CLI asks for cuda by default; follow HFLM and fall back
+                log.warning("device %s is not available: using cpu", device)
                 device = "cpu"
             self.loaded = load_checkpoint(
                 checkpoint, preset=preset, device=device or _default_device(), dtype=_dtype(dtype, device),
@@ -108,25 +190,28 @@ class GDN2LM(TemplateLM):
 
             tokenizer = load_tokenizer(tokenizer or "byte")
         self.model = model.eval()
-        self.model.backend = backend
-        self.model.chunk_tokens = int(prefill_chunk)
+        self.recurrence_backend = backend  # kernels and prefill chunk, passed to every model call
+        self._prefill_args = dict(backend=backend, chunk_tokens=int(prefill_chunk))
         self.cuda_graphs = _as_bool(cuda_graphs)
         self._stepper_cache: StepperCache | None = None
         self.tok: Tokenizer = tokenizer
         self._device = self.model.lm_head.weight.device
-        self.batching = Batching(
-            batch_size=32 if str(batch_size).startswith("auto") else int(batch_size),
-            max_batch_tokens=int(max_batch_tokens), max_gen_toks=int(max_gen_toks),
-        )
+        self.batching = Batching(batch_size=rows, max_batch_tokens=int(max_batch_tokens),
+                                 max_gen_toks=int(max_gen_toks))
+        self.batch_sizes: dict[int, int] = {}  # lm-eval records these in results["config"]["batch_sizes"]
+        if auto:
+            self.batching.batch_size = self._auto_batch_size(str(batch_size), max_batch_size)
+            self.batch_sizes[0] = self.batching.batch_size
         self.bos = self._resolve_bos(bos)
         self.progress = Progress()
         self._encoded: dict[str, list[int]] = {}  # texts encoded ahead, in one parallel batch (_encoded_ahead)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "GDN2LM":
-        """lm-eval's constructor hook: --model_args win over the CLI's --device/--batch_size."""
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
-        extra.pop("max_batch_size", None)
+        """lm-eval's constructor hook: --model_args win over the CLI's --device/--batch_size/--max_batch_size."""
+        cls.check_model_args(arg_dict)
+        extra = {k: v for k, v in (additional_config or {}).items()
+                 if v is not None and k not in arg_dict and k in cls.MODEL_ARGS}  # lm-eval's other knobs: not ours
         return cls(**arg_dict, **extra)
 
     @classmethod
@@ -156,15 +241,33 @@ class GDN2LM(TemplateLM):
     def describe(self) -> dict:
         """What was evaluated and how: stored in every result's config."""
         info = {
-            "bos": self.bos, "tokenizer": self.tok.name, "gate_mode": self.model.config.gate_mode,
+            "bos": self.bos, "tokenizer": self.tok.name, "tokenizer_sha256": getattr(self.tok, "sha256", None),
+            "gate_mode": self.model.config.gate_mode,
             "dtype": str(self.model.lm_head.weight.dtype).replace("torch.", ""), "device": str(self._device),
-            "recurrence_backend": self.model.backend, "batch_size": self.batching.batch_size,
+            "recurrence_backend": self.recurrence_backend, "batch_size": self.batching.batch_size,
             "max_batch_tokens": self.batching.max_batch_tokens, "model_config": self.model.config.to_dict(),
+            "num_parameters": self.num_parameters,
         }
         if self.loaded is not None:
             info.update(checkpoint=str(self.loaded.path), format=self.loaded.format, sha256=self.loaded.sha256,
                         tokenizer_note=self.loaded.tokenizer_note, inferred=self.loaded.inferred)
         return info
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())  # tied weights counted once, as HF does
+
+    @property
+    def weight_files(self) -> list:
+        """The checkpoint's weight files (empty for a model passed in): what a resume checks for changes."""
+        return list(getattr(self.loaded, "weight_files", None) or [])
+
+    def get_model_info(self) -> dict:
+        """lm-eval's hook: merged into results["config"] as HFLM's are. model_sha is the weights' content hash
+        (a checkpoint file has no hub commit); model_revision is None for the same reason."""
+        info = self.describe()
+        return {"model_num_parameters": info["num_parameters"], "model_dtype": str(self.model.lm_head.weight.dtype),
+                "model_revision": None, "model_sha": info.get("sha256") or ""}
 
     @property
     def eot_token_id(self) -> int:
@@ -236,25 +339,51 @@ class GDN2LM(TemplateLM):
         return guards.run_batch(run, batch, self._shrink_batch, describe=lambda i: f"batch item {i}")
 
     def _shrink_batch(self, fitted: int) -> None:
-        import logging
-
         self.batching.batch_size = max(1, min(self.batching.batch_size, fitted))
         self.batching.max_batch_tokens = max(1, self.batching.max_batch_tokens // 2)
-        logging.getLogger("gdn2").warning(
+        log.warning(
             "GPU out of memory: retrying with batch size %d and %d tokens per batch (set --batch-size to start there)",
             self.batching.batch_size, self.batching.max_batch_tokens)
 
+    def _auto_batch_size(self, spec: str, limit: int | None) -> int:
+        """batch_size=auto / auto:N: the most rows per forward that fit, found once by doubling on the GPU.
+
+        lm-eval's auto:N re-probes N times during a run; here the out-of-memory guard lowers the size whenever a
+        batch does not fit, so one probe serves the whole run.
+        """
+        if self._device.type != "cuda":
+            log.warning("batch_size=%s: there is no GPU memory to probe on %s; using batch size %d", spec,
+                        self._device, DEFAULT_BATCH_SIZE)
+            return DEFAULT_BATCH_SIZE
+        rows = largest_fitting(self._probe_rows, start=8, limit=int(limit or AUTO_BATCH_LIMIT))
+        log.info("batch_size=%s: %d rows per forward fit on %s (%d tokens per batch)", spec, rows, self._device,
+                 self.batching.max_batch_tokens)
+        return rows
+
+    @torch.no_grad()
+    def _probe_rows(self, rows: int) -> None:
+        """The heaviest forward a batch of `rows` rows runs under the token budget: a prefill with every
+        position's logits and their fp32 log-softmax, as scoring does."""
+        width = max(1, min(self.batching.max_batch_tokens // rows, self.batching.rolling_chunk))
+        tokens = torch.zeros(rows, width, dtype=torch.long, device=self._device)
+        logits, _ = self.model.prefill(tokens, lengths=torch.full((rows,), width), **self._prefill_args)
+        F.log_softmax(logits.float(), -1)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
     # ---- loglikelihood ------------------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        # lm-eval's _encode_pair asks for context + continuation and context, after moving the context's trailing
-        # spaces onto the continuation; those texts are encoded ahead in one batch.
+        # the texts lm-eval's _encode_pair will ask for (taken from it: lm_eval_compat), or the bare continuation
+        # for an empty context, are encoded ahead in one batch
         texts = []
         for ctx, cont in (req.args for req in requests):
-            n = len(ctx) - len(ctx.rstrip())
-            ctx, cont = (ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont)
-            texts += [ctx + cont, ctx] if ctx else [cont]
-        with self._encoded_ahead(texts):  # lm-eval's tokenizing bar is noise next to ours (Progress has tokens/s)
-            return super().loglikelihood(requests, disable_tqdm=True)
+            texts += encode_pair_texts(ctx, cont) if ctx else [cont]
+        with self._encoded_ahead(texts), self.progress.running(len(requests), "gdn2 loglikelihood",
+                                                               self._quiet(disable_tqdm)):
+            return super().loglikelihood(requests, disable_tqdm=True)  # lm-eval's tokenizing bar: noise next to ours
+
+    def _quiet(self, disable_tqdm: bool) -> bool:
+        return bool(disable_tqdm) or self.rank != 0
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -287,7 +416,7 @@ class GDN2LM(TemplateLM):
         gathered on the device at once and read back with one copy.
         """
         tokens, lengths = self._ragged(ctxs)
-        last, state = self.model.prefill(tokens, lengths=lengths, logits="last")
+        last, state = self.model.prefill(tokens, lengths=lengths, logits="last", **self._prefill_args)
         conts = [requests[i][2] for m in members for i in m]
         row_of = [r for r, m in enumerate(members) for _ in m]
         targets, cont_len = self._ragged(conts)  # [N, L] continuation tokens, right-padded
@@ -298,8 +427,9 @@ class GDN2LM(TemplateLM):
         if tail:
             tail_rows = torch.tensor(tail, device=self._device)
             t_tok, t_len = targets[tail_rows, :-1], cont_len[tail] - 1  # fed after the context
-            start = state.select(torch.tensor([row_of[j] for j in tail], device=self._device))
-            logits, _ = self.model.prefill(t_tok, start, lengths=t_len)
+            parent = torch.tensor([row_of[j] for j in tail], device=self._device)  # SWA rings read by reference
+            logits, _ = self.model.prefill(t_tok, state, lengths=t_len, rows=parent, return_state=False,
+                                           **self._prefill_args)
             logp = F.log_softmax(logits.float(), -1)  # position p predicts continuation token p + 1
             want = targets[tail_rows, 1:]
             valid = (torch.arange(want.shape[1])[None, :] < t_len[:, None]).to(self._device)
@@ -314,6 +444,10 @@ class GDN2LM(TemplateLM):
     # ---- loglikelihood_rolling --------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Sum of log-probabilities of every token of each document, conditioned on the prefix token only."""
+        with self.progress.running(len(requests), "gdn2 loglikelihood_rolling", self._quiet(disable_tqdm)):
+            return self._rolling_requests(requests)
+
+    def _rolling_requests(self, requests) -> list[float]:
         docs = [[self.prefix_token_id] + ids
                 for ids in self._encode_many([req.args[0] for req in requests], add_special_tokens=False)]
         order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
@@ -338,7 +472,8 @@ class GDN2LM(TemplateLM):
             rows = (seg > 0).nonzero().squeeze(-1)
             rows_dev = rows.to(self._device)
             sub = state.select(rows_dev)
-            logits, sub = self.model.prefill(tokens[rows_dev, c0 : c0 + C], sub, lengths=seg[rows])
+            logits, sub = self.model.prefill(tokens[rows_dev, c0 : c0 + C], sub, lengths=seg[rows],
+                                             **self._prefill_args)
             state.assign(rows_dev, sub)
             logp = F.log_softmax(logits.float(), -1)
             targets = tokens[rows_dev, c0 + 1 : c0 + 1 + logits.shape[1]]
@@ -352,6 +487,10 @@ class GDN2LM(TemplateLM):
 
     # ---- generate_until -------------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        with self.progress.running(len(requests), "gdn2 generate_until", self._quiet(disable_tqdm)):
+            return self._generate_requests(requests)
+
+    def _generate_requests(self, requests) -> list[str]:
         out: list[str | None] = [None] * len(requests)
         by_kwargs: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -380,7 +519,7 @@ class GDN2LM(TemplateLM):
 
     def _greedy(self, ctxs: list[list[int]], until: list[str], max_new: int) -> list[str]:
         tokens, lengths = self._ragged(ctxs)
-        logits, state = self.model.prefill(tokens, lengths=lengths, logits="last")
+        logits, state = self.model.prefill(tokens, lengths=lengths, logits="last", **self._prefill_args)
         B = len(ctxs)
         generated: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
@@ -404,7 +543,8 @@ class GDN2LM(TemplateLM):
     def _steppers(self) -> StepperCache:
         """Decode steppers (CUDA graphs on GPUs unless cuda_graphs=false), kept across batches."""
         if self._stepper_cache is None:
-            self._stepper_cache = StepperCache(self.model, graphs=self._device.type == "cuda" and self.cuda_graphs)
+            self._stepper_cache = StepperCache(self.model, graphs=self._device.type == "cuda" and self.cuda_graphs,
+                                              backend=self.recurrence_backend)
         return self._stepper_cache
 
 
@@ -434,6 +574,49 @@ def _cut(text: str, stops: list[str]) -> str:
     for s in stops:
         text = text.split(s)[0]
     return text
+
+
+def _batch_size_arg(value: int | str | None) -> tuple[int, bool]:
+    """(rows, auto) from batch_size=N, auto or auto:N; anything else is refused with the accepted forms."""
+    text = str(DEFAULT_BATCH_SIZE if value is None else value).strip().lower()
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit() and int(text[5:]) > 0):
+        return DEFAULT_BATCH_SIZE, True
+    if text.isdigit() and int(text) > 0:
+        return int(text), False
+    raise ValueError(f"batch_size={value}: use a positive integer, auto or auto:N")
+
+
+def largest_fitting(fits: Callable[[int], None], start: int, limit: int) -> int:
+    """The largest batch size from start, doubling up to limit, for which fits(size) runs without running out of
+    GPU memory (halving below start when start itself does not fit); 1 must fit."""
+    best, size = 0, max(1, min(start, limit))
+    while size <= limit:
+        if _oom(fits, size):
+            break
+        best, size = size, size * 2
+    if best == 0:  # start did not fit: halve down
+        size = max(1, min(start, limit)) // 2
+        while size >= 1 and _oom(fits, size):
+            size //= 2
+        if size < 1:
+            raise guards.GPUOutOfMemoryError("batch_size=auto: not even one row fits in GPU memory: use --dtype "
+                                             "bfloat16, a smaller max_batch_tokens or prefill_chunk")
+        return size
+    if size > limit and best < limit and not _oom(fits, limit):  # doubling stepped over the limit: try it
+        best = limit
+    return best
+
+
+def _oom(fits: Callable[[int], None], size: int) -> bool:
+    """True when fits(size) ran out of GPU memory (the memory it took is released either way)."""
+    failed = False
+    try:
+        fits(size)
+    except torch.OutOfMemoryError:
+        failed = True
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return failed
 
 
 def _default_device() -> str:
