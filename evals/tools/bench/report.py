@@ -41,6 +41,8 @@ def mix_target(r: dict, exact: bool) -> str:
     a generation row shows its ratio only."""
     if r["kind"] != "loglikelihood":
         return f"{r['ratio']:.1f}x" if "ratio" in r else "-"
+    if r.get("ratio_target") is None and r.get("ours_over_floor") is None:  # a report from before issue 16
+        return "-"
     missed = []
     if r.get("ours_over_floor") is not None and r["ours_over_floor"] > FLOOR_TARGET:
         missed.append(f"floor {r['ours_over_floor']:.2f}x > {FLOOR_TARGET}")
@@ -118,15 +120,16 @@ def render(report: Report) -> str:
         console.print(t)
         batches = sorted({x["batch"] for r in report.mixes for k in ("ours_sweep", "anchor_sweep")
                           for x in r.get(k) or []})
-        t = Table(title="Batch sweep: requests/s of the timed pass at each batch size (rows per forward)",
-                  box=box.MARKDOWN)
-        for col in ("mix", "harness", *map(str, batches)):
-            t.add_column(col, justify="right")
-        for r in report.mixes:
-            for who in ("ours", "anchor"):
-                if r.get(f"{who}_sweep"):
-                    t.add_row(r["mix"], who, *_sweep_cells(r[f"{who}_sweep"], batches))
-        console.print(t)
+        if batches:
+            t = Table(title="Batch sweep: requests/s of the timed pass at each batch size (rows per forward)",
+                      box=box.MARKDOWN)
+            for col in ("mix", "harness", *map(str, batches)):
+                t.add_column(col, justify="right")
+            for r in report.mixes:
+                for who in ("ours", "anchor"):
+                    if r.get(f"{who}_sweep"):
+                        t.add_row(r["mix"], who, *_sweep_cells(r[f"{who}_sweep"], batches))
+            console.print(t)
     if report.decode:
         t = Table(title=f"Decoding after a {s['decode_prompt']}-token prompt (target: largest batch within "
                         f"{DECODE_FLOOR_TARGET}x the memory floor = (weights + state read and written) / copy "
