@@ -291,3 +291,13 @@ def test_mixes_section_sweeps_and_compares_both_harnesses(folder_and_model):
     assert mc["anchor_best_batch"] in (2, 8) and mc["ratio"] == pytest.approx(mc["ours_req_s"] / mc["anchor_req_s"])
     assert mc["max_abs_ll_diff"] < 1e-4 and mc["acc_agree"] == 1.0  # one function, one dtype: same numbers
     assert [x["batch"] for x in recall["anchor_sweep"]] == [MIXES["recall"].anchor_batch] and recall["same_text"] == 1
+
+
+def test_bench_kernels_command_exits_0_after_its_table(monkeypatch):
+    """run_eval's main takes int() of the command's return: bench kernels returned its Report (a TypeError, exit 2
+    on the H200 after the table was printed)."""
+    import run_eval
+    from evals.tools import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "run", lambda args: bench_kernels.Report(env={}))  # no GPU here
+    assert run_eval.main(["bench", "kernels", "--no-fla"]) == 0
