@@ -151,3 +151,28 @@ def test_list_survives_a_broken_suite_and_names_it(tmp_path, monkeypatch, capsys
     out, err = capsys.readouterr()
     assert "quick" in out and "table2" in out and "broken" in out
     assert "broken.yaml line" in err and err.count("warning: ") == 1
+
+
+def test_hf_baseline_recorded_and_resaved_weights_refused(tmp_path, capsys):
+    """An hf: baseline runs like ours; weights re-saved at the same path are caught before the model loads."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from tests.evals.test_baseline import save_tiny_llama
+
+    folder = tmp_path / "tiny-llama"
+    save_tiny_llama(folder, seed=0)
+    out = tmp_path / "out"
+    args = ["run", "--checkpoint", f"hf:{folder}", "--tasks", "lambada_openai_cloze_yaml", "--bos", "none",
+            "--data_dir", str(FIXTURE_DATA), "--limit", "2", "--batch_size", "2", "--dtype", "float32",
+            "--output", str(out)]
+    assert run_eval.main(args) == 0, capsys.readouterr().err
+    config = RunStore(out).read_config("tiny-llama")
+    assert config["model"]["format"] == "hf" and config["model"]["sha256"]
+    assert config["per_task"]["lambada_openai_cloze_yaml"]["effective_bos"] in ("none", False)
+    assert RunStore(out).read_results("tiny-llama")["config"]["model"] == "hf"
+    assert run_eval.main(args) == 0  # unchanged: reused
+    capsys.readouterr()
+    save_tiny_llama(folder, seed=1)  # other weights, same path
+    capsys.readouterr()  # (transformers' own save bar)
+    err = one_line_error(args, capsys)
+    assert "different configuration" in err and "weights" in err
