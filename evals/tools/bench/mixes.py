@@ -27,7 +27,8 @@ from evals.tools.bench.workload import MIXES, Mix, make_requests, needed_tokens
 
 def sweep(h: Harness, mix: Mix, requests: list, device: str, batches: list[int], log: Callable[[str], None],
           notes: list[str]) -> tuple[list[dict], Pass | None, int | None]:
-    """Time `h` at each batch size: (one row per batch, the fastest pass, its batch)."""
+    """Time `h` at each batch size: (one row per batch, the fastest pass, its batch). A best at the largest batch
+    of a sweep is noted: a larger one might be faster still."""
     rows, best, best_batch = [], None, None
     for b in batches:
         try:
@@ -44,6 +45,9 @@ def sweep(h: Harness, mix: Mix, requests: list, device: str, batches: list[int],
             f"({len(requests) / p.seconds:.1f}/s; first pass {p.warmup_s:.1f}s)")
         if best is None or p.seconds < best.seconds:
             best, best_batch = p, b
+    if len(batches) > 1 and best_batch == max(batches):
+        notes.append(f"{h.name} {mix.name}: fastest at the largest batch swept ({best_batch}); a larger one may be "
+                     "faster still")
     return rows, best, best_batch
 
 
