@@ -56,6 +56,10 @@ def test_recorded_like_ours(tiny):
     assert info["tokenizer"] == str(tiny) and info["transformers_version"] == transformers.__version__
     assert info["num_parameters"] == sum(p.numel() for p in lm.model.parameters()) > 0
     assert [p.name for p in lm.weight_files] == ["model.safetensors"]
+    from evals.harness import identity  # the run identity, built before loading, must agree with the record
+
+    files = identity.checkpoint_files(f"hf:{tiny}")
+    assert identity.files_sha256(files.weights) == info["sha256"] and files.tokenizer == info["tokenizer_sha256"]
     model_info = lm.get_model_info()
     assert set(model_info) == {"model_num_parameters", "model_dtype", "model_revision", "model_sha"}
     assert model_info["model_sha"] == info["sha256"] and model_info["model_dtype"] == "torch.float32"
@@ -112,3 +116,16 @@ def test_rolling_scores_the_document_after_one_prefix_token(tiny):
     with torch.no_grad():
         logp = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].double(), -1)
     assert abs(ll - sum(float(logp[p - 1, ids[p]]) for p in range(1, len(ids)))) < 1e-4
+
+
+def test_sharded_weights_are_all_hashed(tmp_path):
+    from evals.harness import identity
+
+    folder = tmp_path / "sharded"
+    save_tiny_llama(folder, seed=0)
+    model = transformers.LlamaForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    model.save_pretrained(folder, max_shard_size="20KB")
+    lm = load(folder)
+    assert len(lm.weight_files) > 1 and all(p.name.endswith(".safetensors") for p in lm.weight_files)
+    assert lm.describe()["sha256"] == identity.files_sha256(identity.checkpoint_files(f"hf:{folder}").weights)
