@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -383,7 +384,9 @@ class GDN2LM(TemplateLM):
             return super().loglikelihood(requests, disable_tqdm=True)  # lm-eval's tokenizing bar: noise next to ours
 
     def _quiet(self, disable_tqdm: bool) -> bool:
-        return bool(disable_tqdm) or self.rank != 0
+        """No bar of our own when asked, or off the main process (lm-eval's rank, or torchrun's RANK under
+        evals.harness.distributed, where every rank runs one share of each request list)."""
+        return bool(disable_tqdm) or self.rank != 0 or os.environ.get("RANK", "0") != "0"
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         groups: dict[tuple[int, ...], list[int]] = {}
