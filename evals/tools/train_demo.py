@@ -176,7 +176,6 @@ def train(name: str, tok_dir: str, steps: int, device: str, batch_size: int = 64
         model.load_state_dict({k: v.float() for k, v in load_file(str(Path(init) / "model.safetensors")).items()})
     if lengths:
         LENGTHS[:] = lengths
-    model.backend = "torch"  # differentiable; the Triton kernels are inference-only
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     data = recall_batches(tok_dir, batch_size, seed=1000 + seed, workers=workers)
     t0 = time.time()
@@ -189,7 +188,8 @@ def train(name: str, tok_dir: str, steps: int, device: str, batch_size: int = 64
         tokens, mask = (x.to(device) for x in next(data))
         B, T = tokens.shape
         cu = torch.arange(B + 1, device=device) * (T - 1)
-        hidden = model.forward_packed(tokens[:, :-1].reshape(-1), cu, model.new_state(B, device))
+        hidden = model.forward_packed(tokens[:, :-1].reshape(-1), cu, model.new_state(B, device),
+                                      backend="torch")  # differentiable; the Triton kernels are inference-only
         logits = model.lm_head(hidden).float()
         loss_tok = F.cross_entropy(logits, tokens[:, 1:].reshape(-1), reduction="none")
         m = mask[:, 1:].reshape(-1)
