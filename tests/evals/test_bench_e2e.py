@@ -301,3 +301,13 @@ def test_bench_kernels_command_exits_0_after_its_table(monkeypatch):
 
     monkeypatch.setattr(bench_kernels, "run", lambda args: bench_kernels.Report(env={}))  # no GPU here
     assert run_eval.main(["bench", "kernels", "--no-fla"]) == 0
+
+
+def test_decode_floor_reads_the_ring_once_and_the_matrix_state_twice():
+    from evals.tools.bench.decode import state_traffic_bytes
+    from gdn2.state import State
+
+    swa = {"k": torch.zeros(2, 7, 3, 4), "v": torch.zeros(2, 7, 3, 4)}  # fp32: 4 bytes an element
+    gdn = {"S": torch.zeros(2, 3, 4, 4), "conv": torch.zeros(2, 3, 5, dtype=torch.bfloat16)}
+    state = State([swa, gdn], torch.zeros(2, dtype=torch.long))
+    assert state_traffic_bytes(state) == 2 * 168 * 4 + 2 * (96 * 4 + 30 * 2)
