@@ -167,6 +167,9 @@ class GDN2LM(TemplateLM):
                              f"pass one of them (they are the same argument)")
         checkpoint = checkpoint if checkpoint is not None else pretrained
         rows, auto = _batch_size_arg(batch_size)
+        if max_batch_size is not None and not (str(max_batch_size).isdigit() and int(max_batch_size) > 0):
+            raise ValueError(f"max_batch_size={max_batch_size}: use a positive integer (the most rows "
+                             f"batch_size=auto tries)")
         self.loaded = None
         if model is None:
             if checkpoint is None:

@@ -224,6 +224,7 @@ def test_model_args_string_reaches_the_backend():
     ("pretrained=demo:gdn2-demo,checkpoint=demo:kda-demo", "name two checkpoints"),
     ("pretrained=demo:gdn2-demo,batch_size=0", "batch_size=0: use a positive integer, auto or auto:N"),
     ("pretrained=demo:gdn2-demo,batch_size=auto:x", "batch_size=auto:x: use"),
+    ("pretrained=demo:gdn2-demo,batch_size=auto,max_batch_size=-2", "max_batch_size=-2: use a positive integer"),
 ])
 def test_bad_model_args_fail_with_the_valid_names(args, message):
     with pytest.raises(ValueError, match=message) as err:
