@@ -14,7 +14,7 @@ from gdn2.config import Config
 from gdn2.model import GPT
 from tests.conftest import rel_err
 
-WINDOW = 16  # small, so that prompts of 2-3 windows stay cheap for the token-loop reference
+WINDOW = 8  # small, so that prompts of 2-3 windows stay cheap for the token-loop reference
 CUDA = torch.cuda.is_available()
 
 
