@@ -236,10 +236,7 @@ def _compare_metric(a: CheckpointResult, b: CheckpointResult, task: str, metric:
         cmp.only_a_right = int(((xa[:, 0] == 1) & (xb[:, 0] == 0)).sum())
         cmp.p_value = mcnemar_exact(cmp.only_b_right, cmp.only_a_right)
     cmp.outcome = verdict(cmp.ci_low, cmp.ci_high, cmp.p_value, cmp.lower_is_better)
-    if cmp.n_paired < MIN_N:
-        small = f"only {cmp.n_paired} paired sample(s) (fewer than {MIN_N}): too few for a reliable verdict"
-        cmp.note = f"{cmp.note}; {small}" if cmp.note else small
-    return cmp
+    return cmp  # fewer than MIN_N pairs: compare_warnings says so once per (A, B), not on every row
 
 
 def _one_sided(a: CheckpointResult, b: CheckpointResult, task: str) -> list[TaskComparison]:
@@ -331,10 +328,14 @@ def compare_warnings(comparisons: Sequence[TaskComparison]) -> list[str]:
                 out.append(f"{side} = {lacking} lacks {len(tasks)} task(s) the other has: {', '.join(tasks)} "
                            f"(not compared; finish or rerun that run)")
         small = [c for c in group if 0 < c.n_paired < MIN_N]
+        tested = [c for c in group if c.n_paired > 0]
         if small:
             cells = ", ".join(f"{c.task} {_metric_label(c.metric)}" for c in small[:6])
-            out.append(f"A = {a}, B = {b}: fewer than {MIN_N} paired samples in {len(small)} row(s) ({cells}"
-                       f"{' ...' if len(small) > 6 else ''}): the verdicts there are unreliable; run more samples")
+            where = (f"all {len(small)} compared rows" if len(small) == len(tested) else
+                     f"{len(small)} of {len(tested)} rows ({cells}{' ...' if len(small) > 6 else ''})")
+            n = sorted({c.n_paired for c in small})
+            out.append(f"A = {a}, B = {b}: fewer than {MIN_N} paired samples (n = {', '.join(map(str, n[:4]))}) in "
+                       f"{where}: too few for a reliable verdict; run more samples (--num-samples, --limit)")
     return out
 
 

@@ -106,7 +106,8 @@ def test_pairs_only_shared_docs_with_equal_content(tmp_path: Path) -> None:
     [c] = compare_runs(runs["a"], runs["b"], n_boot=200)
     assert c.n_paired == 5 and c.only_a_right == 5 and c.ci_high < 0
     assert c.p_value == pytest.approx(0.0625) and c.outcome == "tie"  # 5 pairs cannot reach p < 0.05
-    assert "too few for a reliable verdict" in c.note
+    assert compare_warnings([c]) == ["A = a, B = b: fewer than 30 paired samples (n = 5) in all 1 compared rows: "
+                                     "too few for a reliable verdict; run more samples (--num-samples, --limit)"]
     [c] = compare_runs(runs["b"], runs["a"], n_boot=200)
     assert c.n_paired == 5  # doc 2 is outside the overlap; now check a hash clash inside it
     records_b[0]["doc_hash"] = "clash"  # doc 5
@@ -198,7 +199,7 @@ def test_readme_example_is_a_tie(tmp_path: Path) -> None:
     assert c.ci_low > 0 and c.p_value == pytest.approx(0.125) and c.outcome == "tie"
     md = render_compare([c], "md")
     assert "| 80.00 | 100.00 | +20.00 |" in md and "| 0.1250 | 20 | tie |" in md
-    assert "fewer than 30 paired samples" in md  # n = 20: said in the output
+    assert "**Warning:** A = a, B = b: fewer than 30 paired samples (n = 20)" in md  # said in the output
 
 
 def test_mcnemar_is_scipys_binomtest() -> None:
