@@ -21,7 +21,7 @@ from importlib import resources
 def wonderwords_list(name: str) -> list[str]:
     """One word list shipped by `wonderwords` (e.g. "nounlist.txt"), read as wonderwords reads it."""
     try:
-        files = resources.files("wonderwords.assets")
+        files = resources.files("wonderwords") / "assets"  # a plain folder in older releases, a package in 3.x
     except ModuleNotFoundError as err:
         raise ImportError("RULER needle keys need the `wonderwords` package: pip install wonderwords") from err
     with files.joinpath(name).open("r") as f:
