@@ -153,7 +153,7 @@ def swa_prefill_triton(q, k, v, k_cache, v_cache, pos0, cu_seqlens, window, cach
 @triton.jit
 def _write_kernel(x, cache, cu, pos0, Wc, sx_t, sx_h, sc_r, sc_s, sc_h,
                   HS: tl.constexpr, D: tl.constexpr, BI: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at a few hundred rows of a long ring
     h = tl.program_id(2)
     t0 = tl.load(cu + n).to(tl.int32)
     L = tl.load(cu + n + 1).to(tl.int32) - t0
@@ -186,7 +186,7 @@ def swa_write_triton(k, v, k_cache, v_cache, pos0, cu_seqlens) -> None:
 def _step_split_kernel(q, kc, vc, pos, part_m, part_l, part_o, scale, window, Wc, nh, NS,
                        sq_b, sq_h, skc_r, skc_s, skc_h, svc_r, svc_s, svc_h,
                        HS: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit row offsets (large batches of long rings)
     h = tl.program_id(1)
     c = tl.program_id(2)
     p = tl.load(pos + b).to(tl.int32)
@@ -225,7 +225,7 @@ def _step_split_kernel(q, kc, vc, pos, part_m, part_l, part_o, scale, window, Wc
 def _step_combine_kernel(q, k, v, kc, vc, o, pos, part_m, part_l, part_o, scale, Wc, nh, NS,
                          sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, so_b, so_h, skc_r, skc_s, skc_h, svc_r, svc_s, svc_h,
                          HS: tl.constexpr, D: tl.constexpr, NSP: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit row offsets (large batches of long rings)
     h = tl.program_id(1)
     d = tl.arange(0, D)
     md = d < HS
