@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from evals.reports.results import LENGTH_METRIC_RE, MISSING_LENGTH_VALUE, CheckpointResult
-from evals.reports.tables import NIAH_HEADERS, NIAH_NAMES, NIAH_TASKS, TABLE4, average, cell_value, length_label
+from evals.reports.tables import NIAH_HEADERS, NIAH_TASKS, TABLE4, average, cell_value, length_label, niah_name
 
 DPI = 120
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
@@ -33,7 +33,7 @@ HEATMAP_CMAP = "cividis"  # colour-blind safe and monotone in lightness
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", "-.", ":")
-OFFSET = 0.04  # each checkpoint's points shift by this fraction of an octave along the log2 length axis
+OFFSET = 0.06  # each checkpoint's points shift by this fraction of an octave along the log2 length axis
 
 
 def style(k: int) -> dict[str, object]:
@@ -70,10 +70,22 @@ def _task_label(task: str) -> str:
     return NIAH_HEADERS.get(short, short)
 
 
-def _task_name(task: str) -> str:
-    """The panel title: what the variant hides where, e.g. "S-NIAH-1 (noise, number)"."""
-    short = task.removeprefix("ruler_")
-    return NIAH_NAMES.get(short, short)
+def haystack_of(result: CheckpointResult, task: str) -> str | None:
+    """The haystack the run used for ``task``: its task metadata (config.json), else lm-eval's task config."""
+    meta = (result.config.get("task_metadata") or {}).get(task) or {}
+    if not meta.get("haystack"):
+        meta = ((result.results.get("configs") or {}).get(task) or {}).get("metadata") or {}
+    haystack = meta.get("haystack") if isinstance(meta, dict) else None
+    return str(haystack) if haystack else None
+
+
+def _task_name(task: str, results: Sequence[CheckpointResult] = ()) -> str:
+    """The panel title: what the variant hides where, e.g. "S-NIAH-1 (noise, number)" (the runs' haystack when
+    they all used one; "mixed haystacks" when they differ)."""
+    haystacks = {haystack_of(r, task) for r in results if task in r.scores}
+    haystacks.discard(None)
+    haystack = haystacks.pop() if len(haystacks) == 1 else ("mixed haystacks" if haystacks else None)
+    return niah_name(task, haystack)
 
 
 def niah_stderr(result: CheckpointResult, task: str, length: int) -> float:
@@ -122,7 +134,7 @@ def plot_niah_heatmap(result: CheckpointResult, out_path: str | os.PathLike[str]
             colour = "dimgrey" if np.isnan(value) else ("white" if value < 55 else "black")
             ax.text(j, i, text, ha="center", va="center", fontsize=9 if not np.isnan(value) else 7, color=colour)
     ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
-    ax.set_yticks(range(len(tasks)), [_task_name(t) for t in tasks])
+    ax.set_yticks(range(len(tasks)), [_task_name(t, [result]) for t in tasks])
     ax.set_xlabel("context length (tokens)")
     ax.set_title(f"NIAH accuracy: {result.label}")
     bar = fig.colorbar(image, ax=ax, fraction=0.05)
@@ -145,14 +157,16 @@ def plot_niah_curves(results: Sequence[CheckpointResult], out_path: str | os.Pat
                 row = grid[ts.index(task)]
                 shift = 2 ** ((k - centre) * OFFSET)  # a few percent along the log axis: overlaps stay visible
                 errs = [niah_stderr(r, task, n) for n in lengths]
-                ax.errorbar([n * shift for n in lengths], row, yerr=errs, capsize=2, markersize=5, linewidth=1.4,
-                            elinewidth=0.8, alpha=0.9, label=label, **style(k))  # type: ignore[arg-type]
+                # hollow markers of different shapes: two checkpoints on the same point both stay visible
+                ax.errorbar([n * shift for n in lengths], row, yerr=errs, capsize=2, markersize=6, linewidth=1.4,
+                            elinewidth=0.8, markerfacecolor="none", markeredgewidth=1.4, label=label,
+                            **style(k))  # type: ignore[arg-type]
         ax.set_xscale("log", base=2)
         all_lengths = sorted({n for _, ts, ls, _ in grids if task in ts for n in ls})
         ax.set_xticks(all_lengths, [_length_label(n) for n in all_lengths])
         ax.minorticks_off()
         ax.set_ylim(-5, 105)
-        ax.set_title(_task_name(task), fontsize=10)
+        ax.set_title(_task_name(task, results), fontsize=10)
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%), ±1 stderr")

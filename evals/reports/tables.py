@@ -73,12 +73,27 @@ TABLE4_TASKS = ("swde", "squad", "fda", "triviaqa", "nq", "drop")
 NIAH_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1")
 NIAH_HEADERS = {"niah_single_1": "S1", "niah_single_2": "S2", "niah_single_3": "S3", "niah_multikey_1": "MK1",
                 "niah_multikey_2": "MK2", "niah_multikey_3": "MK3", "niah_multivalue": "MV", "niah_multiquery": "MQ"}
-# What each RULER variant hides where (tasks/ruler/niah.py VARIANTS), for plot panels and captions.
-NIAH_NAMES = {"niah_single_1": "S-NIAH-1 (noise, number)", "niah_single_2": "S-NIAH-2 (essay, number)",
-              "niah_single_3": "S-NIAH-3 (essay, UUID)", "niah_multikey_1": "MK-NIAH-1 (essay, 1 of 4 keys)",
-              "niah_multikey_2": "MK-NIAH-2 (haystack of needles)",
-              "niah_multikey_3": "MK-NIAH-3 (needles, UUID keys)", "niah_multivalue": "MV-NIAH (4 values)",
-              "niah_multiquery": "MQ-NIAH (4 queries)"}
+# Each RULER variant's paper name, default haystack and needle (tasks/ruler/niah.py VARIANTS), for plot panels.
+NIAH_VARIANTS = {"niah_single_1": ("S-NIAH-1", "noise", "number"),
+                 "niah_single_2": ("S-NIAH-2", "essay", "number"),
+                 "niah_single_3": ("S-NIAH-3", "essay", "UUID"),
+                 "niah_multikey_1": ("MK-NIAH-1", "essay", "1 of 4 keys"),
+                 "niah_multikey_2": ("MK-NIAH-2", "needles", "number"),
+                 "niah_multikey_3": ("MK-NIAH-3", "needles", "UUID key and value"),
+                 "niah_multivalue": ("MV-NIAH", "essay", "4 values"),
+                 "niah_multiquery": ("MQ-NIAH", "essay", "4 queries")}
+
+
+def niah_name(task: str, haystack: str | None = None) -> str:
+    """"S-NIAH-1 (noise, number)": the paper's name, then the haystack (the run's, when it overrode the variant's
+    default, e.g. the quick suite's noise) and what the needle is."""
+    short = task.removeprefix("ruler_")
+    if short not in NIAH_VARIANTS:
+        return short
+    name, default, needle = NIAH_VARIANTS[short]
+    return f"{name} ({haystack or default}, {needle})"
+
+
 NIAH_LENGTHS = {"1K": 1024, "2K": 2048, "4K": 4096, "8K": 8192}
 # Table 3 has no 8K column for S-NIAH-3 and MK-NIAH-1.
 NIAH_CELLS = [(t, n) for t in NIAH_TASKS for n in NIAH_LENGTHS if not (n == "8K" and t in NIAH_TASKS[2:])]

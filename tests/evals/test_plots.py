@@ -114,6 +114,10 @@ def test_heatmap_is_colour_blind_safe_with_a_labelled_bar(runs: dict[str, Path],
     ax, bar_ax = figures[0].axes
     assert ax.images[0].cmap.name.startswith("cividis") and bar_ax.get_ylabel() == "accuracy (%)"
     assert [t.get_text() for t in ax.get_yticklabels()] == ["S-NIAH-1 (noise, number)", "S-NIAH-2 (essay, number)"]
+    run = load_run(runs["needle"])[0]
+    run.config["task_metadata"] = {"ruler_niah_single_2": {"haystack": "noise"}}  # as the quick suite runs it
+    plot_niah_heatmap(run, tmp_path / "h2.png")
+    assert figures[1].axes[0].get_yticklabels()[1].get_text() == "S-NIAH-2 (noise, number)"
 
 
 def test_curves_are_distinguishable_with_error_bars(runs: dict[str, Path], tmp_path: Path, figures: list) -> None:
