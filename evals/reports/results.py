@@ -47,6 +47,7 @@ MERGED_SECTIONS = ("results", "groups", "group_subtasks", "configs", "versions",
 # Keys of a results file that differ between two runs computing the same numbers (drop them to compare runs).
 VOLATILE_RESULT_KEYS = ("date", "start_time", "end_time", "total_evaluation_time_seconds", "git_hash",
                         "upper_git_hash", "pretty_env_info")
+ENV_KEYS = ("pretty_env_info", "transformers_version", "lm_eval_version", "upper_git_hash")  # lm-eval's add_env_info
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@=+-]*$")
 # lm-eval marks "no sample at this length" with -1 in the per-length metrics of its RULER tasks.
 LENGTH_METRIC_RE = re.compile(r"^\d+$")
@@ -373,8 +374,9 @@ def _fill_lm_eval_keys(results: dict[str, Any], label: str, config: Mapping[str,
                              "gen_kwargs": config.get("gen_kwargs")}.get(key))
     results.setdefault("git_hash", _git_hash())
     results.setdefault("date", time.time())
-    for key, value in _env_info().items():
-        results.setdefault(key, value)
+    if any(k not in results for k in ENV_KEYS):  # simple_evaluate's output has them; collecting takes seconds
+        for key, value in _env_info().items():
+            results.setdefault(key, value)
     results.setdefault("model_source", cfg["model"])
     results.setdefault("model_name", str(config.get("checkpoint") or label))
     results["model_name_sanitized"] = label  # the folder name, as lm-eval's own layout has it
