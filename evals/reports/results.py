@@ -655,6 +655,13 @@ def load_run(path: str | os.PathLike[str], warn: Callable[[str], None] | None = 
     if is_results_folder(p):
         return [_load_label(p)]
     labels = sorted(d for d in p.iterdir() if d.is_dir() and is_results_folder(d))
+    started = sorted(d.name for d in p.iterdir() if d.is_dir() and d not in labels
+                     and any((d / n).exists() for n in ("config.json", "meta.json", "cache")))
+    if started and labels and warn is not None:  # a label whose first task has not finished yet
+        warn(f"{', '.join(started)}: no task finished yet, not shown; rerun the same command to finish it")
+    if not labels and started:
+        raise ValueError(f"no results in {str(p)!r} yet: no task of {', '.join(started)} has finished; rerun the "
+                         f"same command to finish it")
     if not labels:
         raise ValueError(f"no results in {str(p)!r}: neither {p}/results_*.json nor {p}/<label>/results_*.json "
                          f"exists; run an evaluation into it first (run_eval.py run --output, or lm_eval "

@@ -241,6 +241,15 @@ def test_corrupt_samples_line_names_file_and_line(tmp_path: Path) -> None:
         r.samples("piqa")
 
 
+def test_labels_with_nothing_finished_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "started" / "cache").mkdir(parents=True)  # the first task is still running (or was killed)
+    with pytest.raises(ValueError, match="no task of started has finished; rerun the same command"):
+        load_run(tmp_path)
+    RunStore(tmp_path).save_task("done", "piqa", output("piqa", 0.5), CONFIG)
+    assert [r.label for r in load_run(tmp_path)] == ["done"]
+    assert "warning: started: no task finished yet, not shown" in capsys.readouterr().err
+
+
 def test_incomplete_runs_are_named(tmp_path: Path) -> None:
     store = RunStore(tmp_path)
     config = {**CONFIG, "tasks": ["piqa", "boolq", "arc_easy"]}
