@@ -170,9 +170,13 @@ def test_encode_pair_texts_follow_lm_evals_rule(ctx, cont):
 
 def test_backend_encodes_exactly_what_lm_eval_asks_for():
     """GDN2LM.loglikelihood encodes ahead, in one batch, every text lm-eval's _encode_pair then asks for."""
-    from tests.evals.test_backend import make_lm
+    from evals.harness.backend import GDN2LM
+    from gdn2.config import Config
+    from gdn2.model import GPT
+    from gdn2.tokenizer import load_tokenizer
 
-    lm = make_lm()
+    model = GPT(Config.from_name("tiny", vocab_size=1024)).init_weights(seed=3)
+    lm = GDN2LM(model=model, tokenizer=load_tokenizer(ROOT / "gdn2" / "demo" / "tokenizer"), bos="true")
     batch_calls = []
     encode_batch = lm.tok.encode_batch
 
