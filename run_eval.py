@@ -240,7 +240,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     console = Console()
     ours = set(catalog._our_tasks())
-    t = Table(title="tasks", show_lines=False)
+    t = Table(title="tasks", show_lines=False,
+              caption="and any lm-eval task or group")
     t.add_column("task")
     t.add_column("from")
     for name in catalog.list_tasks():

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import run_eval
 from evals.reports.results import RunStore
+from tasks import catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,13 +17,17 @@ def _results(out: Path, label: str = "gdn2-demo") -> dict:
 
 def test_table3_suite_runs_on_the_demo_checkpoint(tmp_path):
     essays = ROOT / "tests" / "fixtures" / "data" / "paul_graham_essays"  # two short texts the tests wrote
-    code = run_eval.main(["run", "--checkpoint", "demo:gdn2-demo", "--suite", "table3", "--limit", "5",
-                          "--essay-dir", str(essays), "--output", str(tmp_path)])
+    # RULER's own sizing leaves no essay haystack at 1K with the demo's small BPE (its smallest, 500 words, is
+    # longer): the suite as a file beside it, sized tight, which --suite takes by path
+    suite = tmp_path / "table3_tight.yaml"
+    suite.write_text((catalog.SUITES_DIR / "table3.yaml").read_text().replace("sizing: ruler", "sizing: tight"))
+    code = run_eval.main(["run", "--checkpoint", "demo:gdn2-demo", "--suite", str(suite), "--limit", "5",
+                          "--essay-dir", str(essays), "--output", str(tmp_path / "out")])
     assert code == 0
-    results = _results(tmp_path)
+    results = _results(tmp_path / "out")
     for task in ("ruler_niah_single_1", "ruler_niah_single_2", "ruler_niah_single_3", "ruler_niah_multikey_1"):
         assert task in results and any(k.endswith(",none") and k[0].isdigit() for k in results[task])
-    samples = RunStore(tmp_path).samples_path("gdn2-demo", "ruler_niah_single_1").read_text().splitlines()
+    samples = RunStore(tmp_path / "out").samples_path("gdn2-demo", "ruler_niah_single_1").read_text().splitlines()
     assert len(samples) == 5
 
 
