@@ -89,6 +89,8 @@ def diff(old: Mapping[str, Any] | None, new: RunIdentity | Mapping[str, Any],
         return [f"identity layout {found!r} -> {VERSION} (written by an older gdn2-eval)"]
     out = []
     for key, value in new_json.items():
+        if key in ("weights", "tokenizer") and (value is None or str(value).startswith("hub:")):
+            continue  # a hub model's hashes are known once it is loaded: compared then (with_loaded)
         if key not in ("tasks", "version") and old.get(key) != value:
             out.append(f"{key} {_short(old.get(key))} -> {_short(value)}")
     old_tasks, new_tasks = old.get("tasks") or {}, new_json.get("tasks") or {}

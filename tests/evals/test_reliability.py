@@ -593,6 +593,12 @@ def test_identity_is_built_from_contents(ckpt, tmp_path):
     assert sorted(d.split()[0] for d in identity.diff(a.to_json(), c, done=["t"])) == ["dtype", "t"]
     assert identity.diff(a.to_json(), c, done=[]) == ['dtype "float32" -> "bfloat16"']  # undone tasks may change
     assert identity.diff({"model": {}}, a)[0].startswith("identity layout")  # an older folder's layout
+    hub = ident("hf:org/some-model")  # not a folder: nothing to hash before loading ...
+    assert hub.weights == "hub:org/some-model" and hub.tokenizer is None
+    stored = hub.with_loaded({"sha256": "abc", "tokenizer_sha256": "def"}).to_json()
+    assert stored["weights"] == "abc" and not identity.diff(stored, hub)  # ... so compared once loaded
+    assert identity.diff(stored, hub.with_loaded({"sha256": "xyz", "tokenizer_sha256": "def"}))[0].startswith(
+        'weights "abc"')
 
 
 # ---- JSON read through the one reader (issue 19: 3) -----------------------------------------------------------
