@@ -41,7 +41,7 @@ CHUNK = 64  # tokens per chunk: four sub-blocks of 16 rows
 # state_bv 0: chosen per call for about `state_programs` programs (_state_block); state_warps 0: 8 for [128, 128]
 # state slices, else 4 (measured on an H200).
 LAUNCH = dict(intra_warps=8, diag_dc=16, state_bv=0, state_warps=0, state_stages=3, state_programs=120,
-              mild=True, mild_warps=4, mild_stages=1, worklist_programs=264)
+              mild=True, mild_warps=4, mild_stages=1, worklist_programs=264, mild_head_dims=(128,))
 # Largest log-decay across a 16-row sub-block for which its diagonal block comes from one product: the lifted keys
 # carry factors up to e^20, whose rounding stays far below fp32 test tolerance; stronger decays go channel by channel.
 SAFE_SUB_DECAY = 20.0
@@ -355,6 +355,15 @@ def _state_pass_kernel(
         tl.store(ht + s_off, S, mask=s_mask)
 
 
+def _mild(dtype: torch.dtype, dk: int, dv: int) -> bool:
+    """Whether the intra-chunk pass takes the bf16 mild-decay kernel (chunk_mild.py): bf16 inputs (whose range holds
+    the anchored factors; fp16's does not), at the head dims it was checked at on an H200 (dk = dv = 128; 8 warps
+    gave wrong results on 16-wide tiles there, so other sizes keep the exact kernel until checked). The interpreter
+    runs it at any size, so the CPU tests cover the algorithm."""
+    sizes = interpreting() or (dk in LAUNCH["mild_head_dims"] and dv in LAUNCH["mild_head_dims"])
+    return dtype == torch.bfloat16 and LAUNCH["mild"] and sizes
+
+
 def _state_block(sequence_heads: int, dv: int, bv: int) -> int:
     """State columns per program of the state pass: LAUNCH["state_bv"], or (0) the widest block that still gives
     about one wave of programs (one S slice per program walks the whole sequence, so programs are the
@@ -451,7 +460,7 @@ def chunk_gdn2_triton(
                       num_warps=LAUNCH["intra_warps"] if BK * BV > 64 * 64 else 4)
     if TT > 0 and NC > 0:
         grid1 = (NC, B * HV) if cu_seqlens is None else (NC, HV)
-        if v.dtype == torch.bfloat16 and LAUNCH["mild"]:  # bf16's range holds the anchored factors (chunk_mild.py)
+        if _mild(v.dtype, DK, DV):
             work = torch.empty(2 * grid1[0] * grid1[1], dtype=torch.int32, device=dev)
             count = torch.zeros(1, dtype=torch.int32, device=dev)
             _mild_intra_chunk_kernel[grid1](
