@@ -45,7 +45,8 @@ def _tiny_checkpoint(out: Path) -> Path:
 
 def _launch(launcher: list[str], checkpoint: Path, output: Path) -> tuple[list[str], subprocess.Popen]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", GDN2_DEBUG="1", PYTHONPATH=str(ROOT))
+    env.update(OMP_NUM_THREADS="1", GDN2_DEBUG="1", PYTHONPATH=str(ROOT),
+               GDN2_HASH_CACHE=str(output.parent / "file-hashes.json"))  # the test's own, not ~/.cache
     cmd = [*launcher, str(ROOT / "run_eval.py"), "run", "--checkpoint", str(checkpoint), "--tasks", TASKS,
            "--lengths", "256", "--num-samples", "6", "--data-dir", str(DATA_DIR), "--device", "cpu",
            "--batch-size", "4", "--output", str(output), "--metadata", "sizing=tight"]
