@@ -151,6 +151,8 @@ def _suite_path(name: str) -> Path:
     """A suite by name (tasks/suites/NAME.yaml) or by path (anything ending in .yaml/.yml or holding a slash)."""
     if name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name:
         path = Path(name).expanduser()
+        if not path.is_file() and path.with_name(path.name + ".yaml").is_file():  # path/to/suite, as before
+            path = path.with_name(path.name + ".yaml")
         if not path.is_file():
             raise FileNotFoundError(f"suite file not found: {path} (pass a suite name from `run_eval.py list` or "
                                     f"the path of a suite .yaml)")

@@ -130,6 +130,7 @@ def test_suites_by_path_and_malformed_suites_by_file_and_line(tmp_path, capsys):
     mine = tmp_path / "my_suite.yaml"
     shutil.copy(catalog.SUITES_DIR / "quick.yaml", mine)
     assert make_plan(RunSpec(checkpoints=["x"], suite=str(mine))).tasks == catalog.load_suite("quick").tasks
+    assert catalog.load_suite(str(tmp_path / "my_suite")).tasks == catalog.load_suite("quick").tasks
     bad = tmp_path / "bad.yaml"
     bad.write_text("suite: bad\ntasks: [piqa,\n  bos: none\n")
     err = one_line_error(["run", "--suite", str(bad), "--output", str(tmp_path / "o")], capsys)
