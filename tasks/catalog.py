@@ -294,6 +294,7 @@ def task_manager(
     metadata: handed to every task (lm-eval `metadata`), e.g. {"tokenizer": "byte"}.
     task_metadata / task_config: per-task metadata and task-config overrides (a suite's `metadata`/`config`).
     """
+    from evals.harness.lm_eval_compat import install_task_factory
     from tasks.task_factory import SuiteTaskFactory
 
     meta = dict(metadata or {})
@@ -303,8 +304,7 @@ def task_manager(
         meta["data_dir"] = str(Path(data_dir).resolve())
     tm = copy.copy(_indexed_task_manager())  # indexing lm-eval's ~10k YAMLs takes seconds: do it once
     tm.metadata = meta
-    tm._factory = SuiteTaskFactory(meta=meta, task_metadata=task_metadata, task_config=task_config)
-    return tm
+    return install_task_factory(tm, SuiteTaskFactory(meta=meta, task_metadata=task_metadata, task_config=task_config))
 
 
 @functools.lru_cache(maxsize=1)

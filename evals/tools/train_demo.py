@@ -74,12 +74,14 @@ def demo_config(name: str) -> Config:
 
 def build_tokenizer(out_dir: Path, n_samples: int = 3000) -> Tokenizer:
     """Train the demo BPE on generator text (training seeds) and write tokenizer.json + tokenizer_config.json."""
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     texts = []
     byte = ByteTokenizer()
     for i, (variant, hay, _) in enumerate(MIXTURE):
-        gen = NiahGenerator(variant, byte, haystack=hay, tokens_to_generate=GEN_TOKENS, seed=20_000 + i)
+        gen = NiahGenerator(variant, byte, haystack=hay, tokens_to_generate=GEN_TOKENS, seed=20_000 + i,
+                            sizing="tight")
         for sample in gen.samples(2048, n_samples // len(MIXTURE)):
             texts.append(sample["input"] + " " + ", ".join(sample["outputs"]) + ".")
     tok = HFTok(models.BPE())
@@ -135,7 +137,7 @@ class RecallStream(torch.utils.data.IterableDataset):
             key = (variant, hay, rng.choice(LENGTHS))
             if key not in gens:
                 g = NiahGenerator(variant, tok, haystack=hay, tokens_to_generate=GEN_TOKENS,
-                                  seed=10_000 + 100 * wid + len(gens))
+                                  seed=10_000 + 100 * wid + len(gens), sizing="tight")
                 gens[key] = g.samples(key[2], 10**9)
             try:
                 sample = next(gens[key])
@@ -207,7 +209,7 @@ def train(name: str, tok_dir: str, steps: int, device: str, batch_size: int = 64
 @torch.no_grad()
 def quick_accuracy(model: GPT, tok: Tokenizer, variant: str, length: int, n: int = 50) -> float:
     """Greedy answers to held-out needle prompts (the evaluation's seed), scored by RULER's string match."""
-    gen = NiahGenerator(variant, tok, haystack="noise", tokens_to_generate=GEN_TOKENS, seed=42)
+    gen = NiahGenerator(variant, tok, haystack="noise", tokens_to_generate=GEN_TOKENS, seed=42, sizing="tight")
     hits = 0
     for sample in gen.samples(length, n):
         ids = torch.tensor([[tok.bos_id] + tok.encode(sample["input"])], device=model.lm_head.weight.device)
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
                  "command": "python -m evals.tools.train_demo " + " ".join(argv if argv is not None else sys.argv[1:])}
         earlier = []
         if args.init and (Path(args.init) / name / "config.json").is_file():
-            earlier = json.loads((Path(args.init) / name / "config.json").read_text()).get("recipe", {}).get("stages", [])
+            recipe = json.loads((Path(args.init) / name / "config.json").read_text()).get("recipe", {})
+            earlier = recipe.get("stages", [])
         save(model, Path(args.out) / name, {"stages": earlier + [stage]}, tok_dir)
 
 

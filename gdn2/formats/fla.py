@@ -38,7 +38,8 @@ FAMILY = {
     "gated_deltanet": (dict(head_dim=256, expand_v=2.0, num_heads=6),
                        dict(gate_act="swish", decay="scalar", beta="scalar", decay_heads="value")),
 }
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:

@@ -14,7 +14,14 @@ import torch
 
 from gdn2.config import PRESETS, Config
 from gdn2.formats.base import (
-    CheckpointError, Source, build_config, fit_report, parse_config_arg, read_json, read_safetensors, read_torch_file,
+    CheckpointError,
+    Source,
+    build_config,
+    fit_report,
+    parse_config_arg,
+    read_json,
+    read_safetensors,
+    read_torch_file,
     strip_wrapper_prefixes,
 )
 
@@ -82,7 +89,8 @@ def infer_fields(sd: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
         H = sd[a + "A_log"].numel()
         K = sd[a + "dt_bias"].numel() // H
         V = sd[a + "o_norm.weight"].numel()
-        fields.update(gdn2_num_heads=H, gdn2_head_dim=K, gdn2_expand_v=V / K, conv_size=sd[a + "q_conv1d.weight"].shape[-1])
+        fields.update(gdn2_num_heads=H, gdn2_head_dim=K, gdn2_expand_v=V / K,
+                      conv_size=sd[a + "q_conv1d.weight"].shape[-1])
         HV = sd[a + "w_proj.weight"].shape[0] // V
         fields["gdn2_num_v_heads"] = HV if HV != H else None
     except KeyError:
@@ -91,7 +99,8 @@ def infer_fields(sd: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
 
 
 def _matching_preset(fields: dict, sd: dict[str, torch.Tensor]) -> str | None:
-    """A preset whose shapes equal the checkpoint's (vocab aside): it supplies what shapes cannot (SWA heads, window)."""
+    """A preset whose shapes equal the checkpoint's (vocab aside): it supplies what shapes cannot (SWA heads,
+    window)."""
     for name in PRESETS:
         cfg = Config.from_name(name, vocab_size=fields["vocab_size"], padded_vocab_size=fields["padded_vocab_size"])
         if not any(fit_report(sd, cfg)):
