@@ -10,7 +10,11 @@ from gdn2.checkpoint import load_checkpoint
 from gdn2.convert import add_cli, convert
 from tests.conftest import rel_err
 from tests.gdn2.test_checkpoint import (
-    FLA_CASES, fla_state, fla_tokens, official_dir, official_ref, write_fla_folder,  # noqa: F401 (fixture)
+    FLA_CASES,  # noqa: F401 (fixture)
+    fla_state,
+    fla_tokens,
+    official_ref,
+    write_fla_folder,
 )
 
 
