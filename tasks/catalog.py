@@ -249,7 +249,7 @@ def _check(suite: Suite) -> None:
     known = set(list_tasks())
     unknown = [t for t in suite.tasks + [c.task for c in suite.columns.values()] if t not in known]
     if unknown:  # indexing lm-eval's ~10k YAMLs takes seconds: only when a suite names one of its other tasks
-        known |= set(_indexed_task_manager().all_tasks)
+        known |= set(indexed_task_manager().all_tasks)
     for task in unknown:
         if task not in known:
             raise _closest(task, sorted(known), f"task in suite {suite.name}")
@@ -287,8 +287,9 @@ def task_manager(
     metadata: dict[str, Any] | None = None,
     task_metadata: dict[str, dict[str, Any]] | None = None,
     task_config: dict[str, dict[str, Any]] | None = None,
+    include_path: list[str] | tuple[str, ...] = (),
 ):
-    """An lm-eval TaskManager over lm-eval's tasks and ours.
+    """An lm-eval TaskManager over lm-eval's tasks and ours (and the `include_path` folders, lm-eval's option).
 
     data_dir: every task reads its dataset from this folder (layout in tasks/README.md) instead of the hub.
     metadata: handed to every task (lm-eval `metadata`), e.g. {"tokenizer": "byte"}.
@@ -302,13 +303,17 @@ def task_manager(
         if not Path(data_dir).is_dir():
             raise FileNotFoundError(f"--data-dir {data_dir} is not a folder (layout in tasks/README.md)")
         meta["data_dir"] = str(Path(data_dir).resolve())
-    tm = copy.copy(_indexed_task_manager())  # indexing lm-eval's ~10k YAMLs takes seconds: do it once
+    tm = copy.copy(indexed_task_manager(tuple(include_path)))  # indexing ~10k YAMLs takes seconds: do it once
     tm.metadata = meta
     return install_task_factory(tm, SuiteTaskFactory(meta=meta, task_metadata=task_metadata, task_config=task_config))
 
 
-@functools.lru_cache(maxsize=1)
-def _indexed_task_manager():
+@functools.lru_cache(maxsize=4)
+def indexed_task_manager(include_path: tuple[str, ...] = ()):
+    """lm-eval's task index over its tasks, ours and `include_path` (built once per set of folders)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR))
+    for p in include_path:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"--include_path {p} does not exist: pass a folder (or file) of task YAMLs")
+    return TaskManager(include_path=[str(TASKS_DIR), *map(str, include_path)])

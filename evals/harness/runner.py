@@ -11,9 +11,6 @@ results in one folder, and one lock per label (evals.harness.lock) keeps a secon
 """
 from __future__ import annotations
 
-import copy
-import functools
-import inspect
 import logging
 import platform
 import re
@@ -33,7 +30,6 @@ from evals.harness.lock import label_lock
 from evals.harness.request_cache import durable_cache
 from evals.reports.results import RunStore, json_safe
 
-LOCAL_TASK_PREFIXES = ("ruler_",)  # tasks that generate their data and need nothing from the hub
 # --model_args that set what the CLI has its own option for (lm-eval's habit: --model_args win over those options)
 SPEC_ARGS = {"dtype": "dtype", "device": "device", "batch_size": "batch_size", "backend": "backend",
              "tokenizer": "tokenizer", "preset": "preset"}
@@ -101,21 +97,9 @@ def split_model_args(spec: RunSpec) -> RunSpec:
 
 def known_tasks(include_path: list[str] | None = None) -> list[str]:
     """Every task, group and tag name lm-eval's task index holds (its own, ours, and --include_path folders)."""
-    return sorted(_task_index(tuple(include_path or ())).all_tasks)
-
-
-@functools.lru_cache(maxsize=4)
-def _task_index(include_path: tuple[str, ...]):
     from tasks import catalog
 
-    if not include_path:
-        return catalog._indexed_task_manager()
-    from lm_eval.tasks import TaskManager
-
-    for p in include_path:
-        if not Path(p).exists():
-            raise FileNotFoundError(f"--include_path {p} does not exist: pass a folder (or file) of task YAMLs")
-    return TaskManager(include_path=[str(catalog.TASKS_DIR), *include_path])
+    return sorted(catalog.indexed_task_manager(tuple(include_path or ())).all_tasks)
 
 
 def make_plan(spec: RunSpec) -> Plan:
@@ -132,9 +116,8 @@ def make_plan(spec: RunSpec) -> Plan:
         for t in spec.tasks:
             if t not in known:
                 _unknown_task(t, known, spec.include_path)
-        task_bos = getattr(catalog, "task_bos", lambda t: None)  # the policy our task YAMLs declare
         tasks, meta, cfg, gate_modes = list(spec.tasks), {}, {}, ["full"]
-        bos = {t: task_bos(t) for t in tasks if task_bos(t)}
+        bos = {t: p for t in tasks if (p := catalog.task_bos(t))}  # the policy our task YAMLs declare
     meta = {t: dict(meta.get(t, {})) for t in tasks}
     for t in tasks:
         if t.startswith("ruler_niah"):
@@ -266,15 +249,10 @@ def load_lm(checkpoint: str, spec: RunSpec, gate_mode: str):
 
 
 def model_arg_names() -> list[str]:
-    """The names GDN2LM accepts in --model_args (GDN2LM.MODEL_ARGS; its signature until that lands)."""
+    """The names GDN2LM accepts in --model_args."""
     from evals.harness.backend import GDN2LM
 
-    names = getattr(GDN2LM, "MODEL_ARGS", None)
-    if names is None:
-        params = inspect.signature(GDN2LM.__init__).parameters.values()
-        names = [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-                 and p.name not in ("self", "model")] + ["pretrained", "max_batch_size"]
-    return sorted(names)
+    return sorted(GDN2LM.MODEL_ARGS)
 
 
 def _describe(lm, checkpoint: str) -> dict[str, Any]:
@@ -357,8 +335,11 @@ def _weight_stamps(files: list[Path]) -> list[list[Any]]:
 
 
 def _needs_online(spec: RunSpec, plan: Plan) -> dict[str, bool]:
-    """Which hub access the run asked for: models for hf: checkpoints, datasets for hub tasks without --data-dir."""
-    hub_data = spec.data_dir is None and any(not t.startswith(LOCAL_TASK_PREFIXES) for t in plan.tasks)
+    """Which hub access the run asked for: models for hf: checkpoints, datasets for hub tasks without --data-dir
+    (every lm-eval task; of ours, essay-haystack NIAH tasks without essays: tasks.catalog.task_needs_hub)."""
+    from tasks import catalog
+
+    hub_data = any(catalog.task_needs_hub(t, plan.metadata.get(t), spec.data_dir) for t in plan.tasks)
     return {"models": any(c.startswith("hf:") for c in spec.checkpoints) or hub_data, "datasets": hub_data}
 
 
@@ -486,15 +467,8 @@ def _task_manager(spec: RunSpec, lm, checkpoint: str, plan: Plan, task: str):
     from tasks import catalog
 
     metadata = {**spec.metadata, **_sizing_tokenizer(lm, checkpoint)}
-    kwargs = {}
-    if spec.include_path and "include_path" in inspect.signature(catalog.task_manager).parameters:
-        kwargs["include_path"] = spec.include_path
-    tm = catalog.task_manager(spec.data_dir, metadata, {task: plan.metadata.get(task, {})}, plan.config, **kwargs)
-    if spec.include_path and not kwargs:  # until catalog.task_manager takes include_path: the wider index
-        wide = copy.copy(_task_index(tuple(spec.include_path)))
-        wide.metadata, wide._factory = tm.metadata, tm._factory
-        tm = wide
-    return tm
+    return catalog.task_manager(spec.data_dir, metadata, {task: plan.metadata.get(task, {})}, plan.config,
+                                include_path=spec.include_path)
 
 
 # ---- quiet lm-eval ---------------------------------------------------------------------------------------------

@@ -177,3 +177,14 @@ def test_hf_baseline_recorded_and_resaved_weights_refused(tmp_path, capsys):
     capsys.readouterr()  # (transformers' own save bar)
     err = one_line_error(args, capsys)
     assert "different configuration" in err and "weights" in err
+
+
+def test_task_bos_policy_applies_under_tasks_and_yields_to_bos():
+    """A task run with --tasks keeps the BOS policy its YAML declares (jrt_*: none, as the JRT harness; ruler_*:
+    bos), lm-eval's own tasks have none of their own, and --bos overrides every task."""
+    from evals.harness.runner import RunSpec, make_plan
+
+    plan = make_plan(RunSpec(checkpoints=["demo:gdn2-demo"], tasks=["jrt_swde", "ruler_niah_single_1", "piqa"]))
+    assert plan.bos_by_task == {"jrt_swde": "none", "ruler_niah_single_1": "bos"}
+    forced = make_plan(RunSpec(checkpoints=["demo:gdn2-demo"], tasks=["jrt_swde", "piqa"], bos="bos"))
+    assert forced.bos_by_task == {"jrt_swde": "bos", "piqa": "bos"}
