@@ -44,6 +44,7 @@ def task_dir(tmp_path):
     data.write_text("".join(json.dumps({"q": q, "answer": a}) + "\n" for q, a in [("sky", "blue"), ("grass", "green")]))
     (folder / "helpers.py").write_text("def text(doc):\n    return 'The ' + doc['q'] + ' is'\n")
     (folder / "compat_probe.yaml").write_text(TASK_YAML.format(data=data))
+    guards.guard_yaml_functions([folder])  # a task folder of this test: its `!function` may run under the guard
     return folder
 
 

@@ -10,9 +10,10 @@ from gdn2.checkpoint import load_checkpoint
 from gdn2.convert import add_cli, convert
 from tests.conftest import rel_err
 from tests.gdn2.test_checkpoint import (
-    FLA_CASES,  # noqa: F401 (fixture)
+    FLA_CASES,
     fla_state,
     fla_tokens,
+    official_dir,  # noqa: F401  (a pytest fixture)
     official_ref,
     write_fla_folder,
 )
