@@ -15,39 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+# The weight files are chosen as the run identity chooses them (one function), so describe()'s hashes and the
+# identity built before loading agree.
+from evals.harness.identity import hf_weight_files as weight_files
 from gdn2.formats.base import sha256_file, sha256_files
 
-# The files chosen as evals.harness.identity.checkpoint_files chooses them (transformers' loading order; the shards
-# an index names), so describe()'s hashes and the run identity built before loading agree.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 # files that decide how text becomes ids (vocabulary, merges, normalisation, special tokens, BOS/EOS settings)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files transformers loads from a model folder: the first of WEIGHT_FILES present, or the shards
-    its index names."""
-    for name in WEIGHT_FILES:
-        path = folder / name
-        if not path.is_file():
-            continue
-        if name.endswith(".index.json"):
-            try:
-                shards = json.loads(path.read_text(encoding="utf-8")).get("weight_map", {}).values()
-            except (ValueError, AttributeError):
-                raise ValueError(f"{path} is not a valid shard index: re-download the checkpoint folder") from None
-            return sorted({folder / s for s in shards if (folder / s).is_file()}) or [path]
-        return [path]
-    return []
 
 
 def tokenizer_sha256(folder: Path) -> str | None:

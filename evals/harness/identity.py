@@ -194,7 +194,7 @@ def checkpoint_files(checkpoint: str, tokenizer: str | None = None) -> Checkpoin
         if not folder.is_dir():  # a hub name: hashed once loaded (describe()["sha256"])
             return CheckpointFiles([], [], explicit_tok)
         configs = [folder / n for n in ("config.json", "generation_config.json")]
-        return CheckpointFiles(_hf_weights(folder), configs,
+        return CheckpointFiles(hf_weight_files(folder), configs,
                                explicit_tok or _named_digest(folder / n for n in HF_TOKENIZER_FILES))
     from gdn2.checkpoint import resolve_spec
     from gdn2.formats import lit_gpt, native
@@ -210,7 +210,7 @@ def checkpoint_files(checkpoint: str, tokenizer: str | None = None) -> Checkpoin
     else:
         folder = path
         configs = [folder / "config.json"]
-        weights = [folder / native.WEIGHTS] if fmt == native.FORMAT else _hf_weights(folder)
+        weights = [folder / native.WEIGHTS] if fmt == native.FORMAT else hf_weight_files(folder)
     if explicit_tok is None:
         if meta.get("tokenizer") == "byte":
             explicit_tok = ByteTokenizer.sha256
@@ -220,7 +220,9 @@ def checkpoint_files(checkpoint: str, tokenizer: str | None = None) -> Checkpoin
     return CheckpointFiles(weights, configs, explicit_tok)
 
 
-def _hf_weights(folder: Path) -> list[Path]:
+def hf_weight_files(folder: Path) -> list[Path]:
+    """The weight files transformers loads from a model folder: the first of HF_WEIGHT_FILES present, or the
+    shards its index names."""
     for name in HF_WEIGHT_FILES:
         path = folder / name
         if not path.is_file():
