@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.chunk_mild import MILD_RANGE, _mild_intra_chunk_kernel
+from gdn2.ops.chunk_mild import MILD_RANGE, _mild_intra_chunk_kernel, locate_chunk
 from gdn2.ops.chunk_torch import chunk_gdn2_torch
 from gdn2.ops.triton_utils import MAX_HEAD_DIM, block_size, check_device, fp32_dot_precision, head_groups, interpreting
 from gdn2.ops.utils import packing_memo
@@ -187,17 +187,7 @@ def _intra_chunk_exact(
     BC: tl.constexpr = 16
     BT: tl.constexpr = 64
     hv = i_bh % HV
-    if IS_VARLEN:
-        n = tl.load(chunk_indices + 2 * i_c)
-        i_t = tl.load(chunk_indices + 2 * i_c + 1)
-        bos = tl.load(cu_seqlens + n).to(tl.int32)
-        L = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
-        chunk_id = i_c
-    else:
-        bos = (i_bh // HV) * T
-        L = T
-        i_t = i_c
-        chunk_id = (i_bh // HV) * NC + i_c
+    bos, L, i_t, chunk_id = locate_chunk(i_c, i_bh, NC, HV, T, cu_seqlens, chunk_indices, IS_VARLEN)
     hk = hv // (HV // H)
     hg = hv // (HV // HG)
     hb = hv // (HV // HB)

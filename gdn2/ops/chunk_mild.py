@@ -27,6 +27,24 @@ MILD_RANGE = 80.0
 
 
 @triton.jit
+def locate_chunk(i_c, i_bh, NC, HV, T, cu_seqlens, chunk_indices, IS_VARLEN: tl.constexpr):
+    """(first token of the sequence, its length, chunk index in it, global chunk id) of chunk i_c of batch-head i_bh:
+    packed sequences read (sequence, chunk) from chunk_indices; a dense batch has NC chunks per row."""
+    if IS_VARLEN:
+        n = tl.load(chunk_indices + 2 * i_c)
+        i_t = tl.load(chunk_indices + 2 * i_c + 1)
+        bos = tl.load(cu_seqlens + n).to(tl.int32)
+        L = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
+        chunk_id = i_c
+    else:
+        bos = (i_bh // HV) * T
+        L = T
+        i_t = i_c
+        chunk_id = (i_bh // HV) * NC + i_c
+    return bos, L, i_t, chunk_id
+
+
+@triton.jit
 def _tile(ptr, tok, rmask, head, NH, D: tl.constexpr, BD: tl.constexpr):
     """Rows `tok` of head `head` of a token-major [.., NH, D] input, in fp32 (zeros outside the sequence)."""
     c = tl.arange(0, BD)
@@ -83,17 +101,8 @@ def _mild_intra_chunk_kernel(
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     hv = i_bh % HV
-    if IS_VARLEN:
-        n = tl.load(chunk_indices + 2 * i_c)
-        i_t = tl.load(chunk_indices + 2 * i_c + 1)
-        bos = tl.load(cu_seqlens + n).to(tl.int32)
-        L = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
-        chunk_id = i_c
-    else:
-        bos = (i_bh // HV) * T
-        L = T
-        i_t = i_c
-        chunk_id = (i_bh // HV) * tl.num_programs(0) + i_c
+    bos, L, i_t, chunk_id = locate_chunk(i_c, i_bh, tl.num_programs(0), HV, T, cu_seqlens, chunk_indices,
+                                         IS_VARLEN)
     hk = hv // (HV // H)
     hg = hv // (HV // HG)
     hb = hv // (HV // HB)
