@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2.ops.chunk_mild import MILD_RANGE, _mild_intra_chunk_kernel, locate_chunk
+from gdn2.ops.chunk_mild import MILD_RANGE, _mild_intra_chunk_kernel
+from gdn2.ops.chunk_tiles import load_in, load_rows, locate_chunk, store_rows, unit_lower_inverse
 from gdn2.ops.chunk_torch import chunk_gdn2_torch
 from gdn2.ops.triton_utils import MAX_HEAD_DIM, block_size, check_device, fp32_dot_precision, head_groups, interpreting
 from gdn2.ops.utils import packing_memo
@@ -50,14 +51,6 @@ __all__ = ["chunk_gdn2_triton"]
 
 
 @triton.jit
-def _load_in(ptr, tok, rmask, head, NH, D: tl.constexpr, BD: tl.constexpr):
-    """Rows `tok` of head `head` of a token-major [.., NH, D] input, in fp32 (zeros outside the sequence)."""
-    c = tl.arange(0, BD)
-    return tl.load(ptr + (tok * NH + head)[:, None] * D + c[None, :], mask=rmask[:, None] & (c < D)[None, :],
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _l2_factor(x, scale, USE_L2NORM: tl.constexpr):
     """Per-row factor that L2-normalises x (eps 1e-6) and applies `scale`."""
     if USE_L2NORM:
@@ -69,12 +62,12 @@ def _l2_factor(x, scale, USE_L2NORM: tl.constexpr):
 def _load_qkbg(q, k, g, b, tok, rmask, hk, hg, hb, scale, H, HG, HB,
                DK: tl.constexpr, BK: tl.constexpr, USE_L2NORM: tl.constexpr):
     """Rows of q (normalised and scaled), k (normalised), b and g in fp32, and the per-row normalising factors."""
-    kk = _load_in(k, tok, rmask, hk, H, DK, BK)
-    qq = _load_in(q, tok, rmask, hk, H, DK, BK)
+    kk = load_in(k, tok, rmask, hk, H, DK, BK)
+    qq = load_in(q, tok, rmask, hk, H, DK, BK)
     nk = _l2_factor(kk, 1.0, USE_L2NORM)
     nq = _l2_factor(qq, scale, USE_L2NORM)
-    return (qq * nq[:, None], kk * nk[:, None], _load_in(b, tok, rmask, hb, HB, DK, BK),
-            _load_in(g, tok, rmask, hg, HG, DK, BK), nq, nk)
+    return (qq * nq[:, None], kk * nk[:, None], load_in(b, tok, rmask, hb, HB, DK, BK),
+            load_in(g, tok, rmask, hg, HG, DK, BK), nq, nk)
 
 
 @triton.jit
@@ -120,52 +113,11 @@ def _diag_fast(E, Qe, kk, G, first, PREC: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _inverse_nilpotent4(N, eye, PREC: tl.constexpr):
-    """(I + N)^-1 = (I - N)(I + N^2) for N with N^4 = 0."""
-    return tl.dot(eye - N, eye + tl.dot(N, N, input_precision=PREC), input_precision=PREC)
-
-
-@triton.jit
-def _unit_lower_inverse(Tm, PREC: tl.constexpr, BT: tl.constexpr):
-    """(I + Tm)^-1 for strictly lower Tm [64, 64] without a row loop: invert the 4 x 4 diagonal blocks, then grow
-    to 16 x 16 and to 64 x 64, each step (I + D + F)^-1 = (I + N)^-1 (I + D)^-1 with N = (I + D)^-1 F nilpotent
-    of index 4. Ten 64 x 64 products, each series four terms long."""
-    rows = tl.arange(0, BT)
-    eye = (rows[:, None] == rows[None, :]).to(tl.float32)
-    in4 = (rows // 4)[:, None] == (rows // 4)[None, :]
-    in16 = (rows // 16)[:, None] == (rows // 16)[None, :]
-    inv = _inverse_nilpotent4(tl.where(in4, Tm, 0.0), eye, PREC)
-    N = tl.dot(inv, tl.where(in16 & ~in4, Tm, 0.0), input_precision=PREC)
-    inv = tl.dot(_inverse_nilpotent4(N, eye, PREC), inv, input_precision=PREC)
-    N = tl.dot(inv, tl.where(in16, 0.0, Tm), input_precision=PREC)
-    return tl.dot(_inverse_nilpotent4(N, eye, PREC), inv, input_precision=PREC)
-
-
-@triton.jit
 def _pair(E, Qe, k_to_end, lift, PREC: tl.constexpr):
     """T and Aqk blocks between a later sub-block (E, Qe) and an earlier one; `lift` <= 0 bridges the gap."""
     Kr = k_to_end * tl.exp(lift)[None, :]
     return (tl.dot(E, tl.trans(Kr), input_precision=PREC),
             tl.dot(Qe, tl.trans(Kr), input_precision=PREC))
-
-
-@triton.jit
-def _rows_ptr(ptr, tok, hv, TT, D: tl.constexpr, BD: tl.constexpr):
-    """Pointers and column mask of rows `tok` in a head-major [HV, TT, D] intermediate."""
-    c = tl.arange(0, BD)
-    return ptr + (hv * TT + tok)[:, None] * D + c[None, :], (c < D)[None, :]
-
-
-@triton.jit
-def _store_rows(ptr, x, tok, rmask, hv, TT, D: tl.constexpr, BD: tl.constexpr):
-    p, cm = _rows_ptr(ptr, tok, hv, TT, D, BD)
-    tl.store(p, x.to(ptr.dtype.element_ty), mask=rmask[:, None] & cm)
-
-
-@triton.jit
-def _load_rows(ptr, tok, rmask, hv, TT, D: tl.constexpr, BD: tl.constexpr):
-    p, cm = _rows_ptr(ptr, tok, hv, TT, D, BD)
-    return tl.load(p, mask=rmask[:, None] & cm, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -209,7 +161,7 @@ def _intra_chunk_exact(
         to_first = tl.exp(G - first[None, :])  # <= 1
         E = bi * ki * to_first
         Qe = qi * to_first
-        _store_rows(Kt, ki * tl.exp(tl.minimum(total[None, :] - G, 0.0)), t, m, hv, TT, DK, BK)
+        store_rows(Kt, ki * tl.exp(tl.minimum(total[None, :] - G, 0.0)), t, m, hv, TT, DK, BK)
         tl.store(dec + i * DK, total, mask=dmask)
         if tl.max(first - total, 0) < SAFE:
             Tii, Aii = _diag_fast(E, Qe, ki, G, first, PREC, BC)
@@ -221,7 +173,7 @@ def _intra_chunk_exact(
         lift = first  # log-decay from the end of sub-block j to the first row of sub-block i, all pieces <= 0
         for jj in range(i):
             j = i - 1 - jj
-            Kj = _load_rows(Kt, bos + r + j * BC, r + j * BC < L, hv, TT, DK, BK)
+            Kj = load_rows(Kt, bos + r + j * BC, r + j * BC < L, hv, TT, DK, BK)
             Tij, Aij = _pair(E, Qe, Kj, lift, PREC)
             tl.store(_block_ptr(Tbuf, i, j, BC, BT), Tij)
             tl.store(_block_ptr(Abuf, i, j, BC, BT), Aij)
@@ -235,21 +187,21 @@ def _intra_chunk_exact(
     rows = tl.arange(0, BT)
     lower = (rows // BC)[:, None] >= (rows // BC)[None, :]  # blocks above the diagonal were never written
     Tm = tl.where(lower, tl.load(Tbuf + rows[:, None] * BT + rows[None, :]), 0.0)
-    Ainv = _unit_lower_inverse(Tm, PREC, BT)
+    Ainv = unit_lower_inverse(Tm, PREC, BT)
     # loads in the order of use keep few 64-row tiles alive at once
-    kk = _load_in(k, tt, mt, hk, H, DK, BK)
+    kk = load_in(k, tt, mt, hk, H, DK, BK)
     kk = kk * _l2_factor(kk, 1.0, USE_L2NORM)[:, None]
-    eG = tl.exp(tl.cumsum(_load_in(g, tt, mt, hg, HG, DK, BK), 0))  # non-positive terms: no cancellation
-    Yc = tl.dot(Ainv, _load_in(b, tt, mt, hb, HB, DK, BK) * kk * eG, input_precision=PREC)
-    _store_rows(Y, Yc, tt, mt, hv, TT, DK, BK)
-    vw = _load_in(v, tt, mt, hv, HV, DV, BV) * _load_in(w, tt, mt, hv, HV, DV, BV)
+    eG = tl.exp(tl.cumsum(load_in(g, tt, mt, hg, HG, DK, BK), 0))  # non-positive terms: no cancellation
+    Yc = tl.dot(Ainv, load_in(b, tt, mt, hb, HB, DK, BK) * kk * eG, input_precision=PREC)
+    store_rows(Y, Yc, tt, mt, hv, TT, DK, BK)
+    vw = load_in(v, tt, mt, hv, HV, DV, BV) * load_in(w, tt, mt, hv, HV, DV, BV)
     Uc = tl.dot(Ainv, vw, input_precision=PREC)
-    _store_rows(U, Uc, tt, mt, hv, TT, DV, BV)
+    store_rows(U, Uc, tt, mt, hv, TT, DV, BV)
     Aqk = tl.where(lower, tl.load(Abuf + rows[:, None] * BT + rows[None, :]), 0.0)
-    _store_rows(Oi, tl.dot(Aqk, Uc, input_precision=PREC), tt, mt, hv, TT, DV, BV)
-    qq = _load_in(q, tt, mt, hk, H, DK, BK)
+    store_rows(Oi, tl.dot(Aqk, Uc, input_precision=PREC), tt, mt, hv, TT, DV, BV)
+    qq = load_in(q, tt, mt, hk, H, DK, BK)
     qq = qq * _l2_factor(qq, scale, USE_L2NORM)[:, None]
-    _store_rows(Qs, qq * eG - tl.dot(Aqk, Yc, input_precision=PREC), tt, mt, hv, TT, DK, BK)
+    store_rows(Qs, qq * eG - tl.dot(Aqk, Yc, input_precision=PREC), tt, mt, hv, TT, DK, BK)
 
     # 3. keys decayed to the chunk's end: sub-block j's by the totals of the sub-blocks after it
     s1 = tl.load(dec + DK, mask=dmask, other=0.0)
@@ -258,9 +210,9 @@ def _intra_chunk_exact(
     sub = (rows // BC)[:, None]
     lift = tl.where(sub == 0, (s1 + s2 + s3)[None, :], tl.where(sub == 1, (s2 + s3)[None, :],
                                                                tl.where(sub == 2, s3[None, :], 0.0)))
-    Kend = _load_rows(Kt, tt, mt, hv, TT, DK, BK) * tl.exp(lift)
+    Kend = load_rows(Kt, tt, mt, hv, TT, DK, BK) * tl.exp(lift)
     tl.debug_barrier()
-    _store_rows(Kt, Kend, tt, mt, hv, TT, DK, BK)
+    store_rows(Kt, Kend, tt, mt, hv, TT, DK, BK)
     tl.store(dec + 4 * DK, tl.load(dec, mask=dmask, other=0.0) + s1 + s2 + s3, mask=dmask)
 
 
@@ -455,7 +407,7 @@ def chunk_gdn2_triton(
             count = torch.zeros(1, dtype=torch.int32, device=dev)
             _mild_intra_chunk_kernel[grid1](
                 q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, work, count, cu_seqlens, chunk_indices, scale, T, TT,
-                MILD=MILD_RANGE, num_warps=LAUNCH["mild_warps"] if BK * BV > 64 * 64 else 4,
+                MILD=MILD_RANGE, PREC=prec, num_warps=LAUNCH["mild_warps"] if BK * BV > 64 * 64 else 4,
                 num_stages=LAUNCH["mild_stages"], **common)
             _intra_chunk_worklist_kernel[(min(grid1[0] * grid1[1], LAUNCH["worklist_programs"]),)](
                 work, count, NC, q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, TA, cu_seqlens, chunk_indices, scale, T,

@@ -23,71 +23,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from gdn2.ops.chunk_tiles import load_in, locate_chunk, store_rows, unit_lower_inverse
+
 MILD_RANGE = 80.0
-
-
-@triton.jit
-def locate_chunk(i_c, i_bh, NC, HV, T, cu_seqlens, chunk_indices, IS_VARLEN: tl.constexpr):
-    """(first token of the sequence, its length, chunk index in it, global chunk id) of chunk i_c of batch-head i_bh:
-    packed sequences read (sequence, chunk) from chunk_indices; a dense batch has NC chunks per row."""
-    if IS_VARLEN:
-        n = tl.load(chunk_indices + 2 * i_c)
-        i_t = tl.load(chunk_indices + 2 * i_c + 1)
-        bos = tl.load(cu_seqlens + n).to(tl.int32)
-        L = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
-        chunk_id = i_c
-    else:
-        bos = (i_bh // HV) * T
-        L = T
-        i_t = i_c
-        chunk_id = (i_bh // HV) * NC + i_c
-    return bos, L, i_t, chunk_id
-
-
-@triton.jit
-def _tile(ptr, tok, rmask, head, NH, D: tl.constexpr, BD: tl.constexpr):
-    """Rows `tok` of head `head` of a token-major [.., NH, D] input, in fp32 (zeros outside the sequence)."""
-    c = tl.arange(0, BD)
-    return tl.load(ptr + (tok * NH + head)[:, None] * D + c[None, :], mask=rmask[:, None] & (c < D)[None, :],
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store(ptr, x, tok, rmask, hv, TT, D: tl.constexpr, BD: tl.constexpr):
-    """x into rows `tok` of a head-major [HV, TT, D] intermediate."""
-    c = tl.arange(0, BD)
-    tl.store(ptr + (hv * TT + tok)[:, None] * D + c[None, :], x.to(ptr.dtype.element_ty),
-             mask=rmask[:, None] & (c < D)[None, :])
 
 
 @triton.jit
 def _scaled_q(q, tok, rmask, hk, H, scale, DK: tl.constexpr, BK: tl.constexpr, USE_L2NORM: tl.constexpr):
     """Query rows, L2-normalised (eps 1e-6) when asked, times the query scale, in fp32."""
-    qq = _tile(q, tok, rmask, hk, H, DK, BK)
+    qq = load_in(q, tok, rmask, hk, H, DK, BK)
     if USE_L2NORM:
         return qq * (tl.rsqrt(tl.sum(qq * qq, 1) + 1e-6) * scale)[:, None]
     return qq * scale
-
-
-@triton.jit
-def _inverse4(N, eye):
-    """(I + N)^-1 = (I - N)(I + N^2) for N with N^4 = 0."""
-    return tl.dot(eye - N, eye + tl.dot(N, N, input_precision="tf32"), input_precision="tf32")
-
-
-@triton.jit
-def _unit_lower_inverse(Tm, BT: tl.constexpr):
-    """(I + Tm)^-1 for strictly lower Tm [64, 64]: the 4 x 4 diagonal blocks first, then 16 x 16, then 64 x 64,
-    each step (I + D + F)^-1 = (I + N)^-1 (I + D)^-1 with N = (I + D)^-1 F nilpotent of index 4."""
-    rows = tl.arange(0, BT)
-    eye = (rows[:, None] == rows[None, :]).to(tl.float32)
-    in4 = (rows // 4)[:, None] == (rows // 4)[None, :]
-    in16 = (rows // 16)[:, None] == (rows // 16)[None, :]
-    inv = _inverse4(tl.where(in4, Tm, 0.0), eye)
-    N = tl.dot(inv, tl.where(in16 & ~in4, Tm, 0.0), input_precision="tf32")
-    inv = tl.dot(_inverse4(N, eye), inv, input_precision="tf32")
-    N = tl.dot(inv, tl.where(in16, 0.0, Tm), input_precision="tf32")
-    return tl.dot(_inverse4(N, eye), inv, input_precision="tf32")
 
 
 @triton.jit
@@ -95,7 +42,7 @@ def _mild_intra_chunk_kernel(
     q, k, v, g, b, w, Qs, Y, Kt, U, Oi, gC, work, work_count, cu_seqlens, chunk_indices, scale, T, TT,
     H, HV, HG, HB,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr, MILD: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr, MILD: tl.constexpr, PREC: tl.constexpr,
 ):
     BT: tl.constexpr = 64
     i_c = tl.program_id(0)
@@ -112,7 +59,7 @@ def _mild_intra_chunk_kernel(
     tt = bos + rt
     ck = tl.arange(0, BK)
 
-    G = tl.cumsum(_tile(g, tt, mt, hg, HG, DK, BK), 0)  # rows past the end add 0: the last row is G_C
+    G = tl.cumsum(load_in(g, tt, mt, hg, HG, DK, BK), 0)  # rows past the end add 0: the last row is G_C
     GC = tl.sum(tl.where(rows[:, None] == BT - 1, G, 0.0), 0)
     tl.store(gC + ((chunk_id * HV + hv) * 5 + 4) * DK + ck, GC, mask=ck < DK)
     if tl.max(-GC, 0) > MILD:  # a strong decay: leave this chunk to the exact kernel
@@ -123,25 +70,25 @@ def _mild_intra_chunk_kernel(
     m = 0.5 * GC
     em = tl.exp(m)
 
-    kk = _tile(k, tt, mt, hk, H, DK, BK)
+    kk = load_in(k, tt, mt, hk, H, DK, BK)
     if USE_L2NORM:
         kk = kk * tl.rsqrt(tl.sum(kk * kk, 1) + 1e-6)[:, None]
-    _store(Kt, kk * tl.exp(GC[None, :] - G), tt, mt, hv, TT, DK, BK)
+    store_rows(Kt, kk * tl.exp(GC[None, :] - G), tt, mt, hv, TT, DK, BK)
     # separate exponentials rather than ratios of one (an exp is cheaper than an fp32 division); G is dead after
     # this block and E lives on in bf16 only, which keeps the live tiles, and the spills, down
     Kn = (kk * tl.exp(m[None, :] - G)).to(Kt.dtype.element_ty)
     up = tl.exp(G - m[None, :])
-    E = (_tile(b, tt, mt, hb, HB, DK, BK) * kk * up).to(Kn.dtype)
+    E = (load_in(b, tt, mt, hb, HB, DK, BK) * kk * up).to(Kn.dtype)
     qq = _scaled_q(q, tt, mt, hk, H, scale, DK, BK, USE_L2NORM) * up  # q e^(G - m)
     Tm = tl.where(rows[:, None] > rows[None, :], tl.dot(E, tl.trans(Kn)), 0.0)
     Aqk = tl.dot(qq.to(Kn.dtype), tl.trans(Kn))
     Aqk = tl.where(rows[:, None] >= rows[None, :], Aqk, 0.0).to(Kn.dtype)
 
-    A = _unit_lower_inverse(Tm, BT).to(Kn.dtype)
+    A = unit_lower_inverse(Tm, PREC, BT).to(Kn.dtype)
     Yc = tl.dot(A, (E.to(tl.float32) * em[None, :]).to(Kn.dtype))  # A (b k e^G)
-    _store(Y, Yc, tt, mt, hv, TT, DK, BK)
-    _store(Qs, qq * em[None, :] - tl.dot(Aqk, Yc.to(Kn.dtype)), tt, mt, hv, TT, DK, BK)  # rounded once, here
-    vw = _tile(v, tt, mt, hv, HV, DV, BV) * _tile(w, tt, mt, hv, HV, DV, BV)
+    store_rows(Y, Yc, tt, mt, hv, TT, DK, BK)
+    store_rows(Qs, qq * em[None, :] - tl.dot(Aqk, Yc.to(Kn.dtype)), tt, mt, hv, TT, DK, BK)  # rounded once, here
+    vw = load_in(v, tt, mt, hv, HV, DV, BV) * load_in(w, tt, mt, hv, HV, DV, BV)
     Uc = tl.dot(A, vw.to(Kn.dtype))
-    _store(U, Uc, tt, mt, hv, TT, DV, BV)
-    _store(Oi, tl.dot(Aqk, Uc.to(Kn.dtype)), tt, mt, hv, TT, DV, BV)
+    store_rows(U, Uc, tt, mt, hv, TT, DV, BV)
+    store_rows(Oi, tl.dot(Aqk, Uc.to(Kn.dtype)), tt, mt, hv, TT, DV, BV)

@@ -25,7 +25,8 @@ TOL = 1e-5  # fp32 everywhere: the kernels compute in fp32 like the torch code
 def _interpreted_modules():
     """The kernel modules, rebuilt under the interpreter when an earlier import compiled them for a GPU."""
     mods = {}
-    for name, probe in (("gdn2.layer_kernels", "_rms_norm_kernel"), ("gdn2.ops.chunk_mild", "_mild_intra_chunk_kernel"),
+    for name, probe in (("gdn2.layer_kernels", "_rms_norm_kernel"), ("gdn2.ops.chunk_tiles", "unit_lower_inverse"),
+                        ("gdn2.ops.chunk_mild", "_mild_intra_chunk_kernel"),
                         ("gdn2.ops.chunk", "_intra_chunk_kernel"),
                         ("gdn2.ops.recurrent", "_decode_step_kernel"), ("gdn2.ops.swa_triton", "_prefill_kernel")):
         mod = importlib.import_module(name)

@@ -23,16 +23,16 @@ from tests.conftest import rel_err  # noqa: E402
 def _kernels():
     """The kernel modules, (re)built under the interpreter when this process has no GPU."""
     mods = []
-    for name in ("gdn2.ops.chunk_mild", "gdn2.ops.chunk", "gdn2.ops.recurrent"):
+    for name in ("gdn2.ops.chunk_tiles", "gdn2.ops.chunk_mild", "gdn2.ops.chunk", "gdn2.ops.recurrent"):
         mod = importlib.import_module(name)
         if not CUDA and not _interpreted(mod):
             mod = importlib.reload(mod)
         mods.append(mod)
-    return mods[1:]
+    return mods[2:]
 
 
 def _interpreted(mod) -> bool:
-    probes = ("_intra_chunk_kernel", "_mild_intra_chunk_kernel", "_decode_step_kernel")
+    probes = ("_intra_chunk_kernel", "_mild_intra_chunk_kernel", "_decode_step_kernel", "unit_lower_inverse")
     name = next(n for n in probes if hasattr(mod, n))
     return type(getattr(mod, name)).__name__ == "InterpretedFunction"
 
