@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from gdn2.formats.base import sha256_file, sha256_files
+
 VERSION = 2  # of this identity's layout; folders written by an older layout are refused with the fix named
 
 # Model arguments that do not change the numbers (execution settings), left out of the identity.
@@ -108,57 +110,9 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:20] + "..." + text[-16:]
 
 
-# ---- content hashes, cached by (path, size, mtime) ---------------------------------------------------------------
-def hash_cache_path() -> Path:
-    """$GDN2_HASH_CACHE, else ~/.cache/gdn2-eval/file-hashes.json (XDG_CACHE_HOME honoured)."""
-    if os.environ.get("GDN2_HASH_CACHE"):
-        return Path(os.environ["GDN2_HASH_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "gdn2-eval" / "file-hashes.json"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's contents; remembered by (resolved path, size, mtime_ns), so unchanged files are not
-    re-read. A cache that cannot be read or written only costs the time to hash again."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key, stamp = str(path), [st.st_size, st.st_mtime_ns]
-    cache_file = hash_cache_path()
-    cache = _read_cache(cache_file)
-    hit = cache.get(key)
-    if isinstance(hit, list) and hit[:2] == stamp and len(hit) == 3:
-        return hit[2]
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    cache = _read_cache(cache_file)  # another process may have added entries meanwhile
-    cache[key] = [*stamp, digest]
-    try:
-        from evals.reports.results import atomic_write_text
-
-        atomic_write_text(cache_file, json.dumps(cache))
-    except OSError:
-        pass
-    return digest
-
-
-def _read_cache(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def files_sha256(paths: list[Path]) -> str:
-    """gdn2.formats.base.sha256_files with the cache: one file gives its sha256 (what describe()["sha256"] shows),
-    several (shards) the sha256 of their sorted 'name digest' lines."""
-    if len(paths) == 1:
-        return file_sha256(paths[0])
-    lines = sorted(f"{p.name} {file_sha256(p)}\n" for p in paths)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+# ---- content hashes: gdn2's one hasher (cached by path, size and mtime, in-process and on disk) ---------------
+file_sha256 = sha256_file
+files_sha256 = sha256_files
 
 
 def _named_digest(files: Iterable[Path]) -> str | None:

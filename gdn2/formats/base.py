@@ -96,19 +96,58 @@ def strip_wrapper_prefixes(sd: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- hashing ------------------------------------------------------------------------------------------------------
+# Content hashes are remembered by (resolved path, size, mtime_ns): in this process, and across runs in a small JSON
+# file, so a rerun (and the run identity computed before a checkpoint loads) never re-reads gigabytes of weights.
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Streaming sha256, cached per (path, size, mtime) for the life of the process."""
+def hash_cache_path() -> Path:
+    """$GDN2_HASH_CACHE, else ~/.cache/gdn2-eval/file-hashes.json (XDG_CACHE_HOME honoured)."""
+    if os.environ.get("GDN2_HASH_CACHE"):
+        return Path(os.environ["GDN2_HASH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gdn2-eval" / "file-hashes.json"
+
+
+def _read_hash_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember(path: Path, stamp: list[int], digest: str) -> None:
+    """Add one entry to the cache file (re-read first: another process may have added entries); a cache that cannot
+    be written only costs the time to hash again."""
+    cache_file = hash_cache_path()
+    cache = _read_hash_cache(cache_file)
+    cache[str(path)] = [*stamp, digest]
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache), encoding="utf-8")
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Streaming sha256 of a file's contents, cached by (resolved path, size, mtime_ns) (see hash_cache_path)."""
+    path = Path(path).resolve()
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    stamp = [st.st_size, st.st_mtime_ns]
+    key = (str(path), *stamp)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+        hit = _read_hash_cache(hash_cache_path()).get(str(path))
+        if isinstance(hit, list) and len(hit) == 3 and hit[:2] == stamp:
+            _SHA_CACHE[key] = hit[2]
+        else:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(chunk):
+                    h.update(block)
+            _SHA_CACHE[key] = h.hexdigest()
+            _remember(path, stamp, _SHA_CACHE[key])
     return _SHA_CACHE[key]
 
 
