@@ -22,3 +22,13 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared folder not found at {path}")
     return path
+
+
+@pytest.fixture
+def set_tf32():
+    """set_tf32(on) for one test, restored after. torch.set_float32_matmul_precision sets the legacy allow_tf32 and
+    the new fp32_precision alike (monkeypatching `torch.backends.cuda.matmul.allow_tf32` fails at teardown: the
+    attribute lives in a __getattr__, and newer pytest undoes it with delattr)."""
+    kept = torch.get_float32_matmul_precision()
+    yield lambda on: torch.set_float32_matmul_precision("high" if on else "highest")
+    torch.set_float32_matmul_precision(kept)

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--no-eval", action="store_true", help="skip the held-out needle check after training")
     args = p.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")  # tf32 for training speed; one API, never mixed with the legacy flag
     tok_dir = Path(args.out) / "tokenizer"
     tok = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").exists() else build_tokenizer(tok_dir)
     for name in args.families.split(","):

@@ -92,8 +92,8 @@ def test_cpu_cache_never_captures():
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("preset", ["tiny", "tiny_hybrid"])
-def test_cuda_graph_decoding_equals_eager(preset):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_cuda_graph_decoding_equals_eager(preset, set_tf32):
+    set_tf32(False)
     model = model_on(preset, "cuda")
     cache = StepperCache(model)
     assert cache.graphs

@@ -148,13 +148,13 @@ def test_prefill_operator_count_does_not_grow_with_rows(shared):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("window", [64, 2048])
-def test_gpu_fused_bf16_equals_float64_torch(window):
+def test_gpu_fused_bf16_equals_float64_torch(window, set_tf32):
     """The Triton path of a hybrid in bf16 (fused SWA prefill/decode, layer kernels, chunked recurrence) against the
     float64 torch path of the same weights: prefill of ragged rows 2-3x the window, a continued prefill through
     a shared context, and decode steps from the CUDA-graph Stepper."""
     from gdn2.generate import Stepper
 
-    torch.backends.cuda.matmul.allow_tf32 = False
+    set_tf32(False)
     cfg = Config.from_name("tiny_hybrid", local_window=window, n_embd=256, n_head=2)  # head size 128
     fast = GPT(cfg).init_weights(seed=5).cuda().to_dtype(torch.bfloat16).eval()
     exact = GPT(cfg).cuda().double().eval()

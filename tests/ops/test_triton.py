@@ -43,16 +43,6 @@ def tf32_enabled() -> bool:
     return CUDA and torch.get_float32_matmul_precision() != "highest"
 
 
-@pytest.fixture
-def set_tf32():
-    """set_tf32(on) for one test, restored after. torch.set_float32_matmul_precision sets the legacy allow_tf32 and
-    the new fp32_precision alike (monkeypatching `torch.backends.cuda.matmul.allow_tf32` fails at teardown: the
-    attribute lives in a __getattr__, and newer pytest undoes it with delattr)."""
-    kept = torch.get_float32_matmul_precision()
-    yield lambda on: torch.set_float32_matmul_precision("high" if on else "highest")
-    torch.set_float32_matmul_precision(kept)
-
-
 chunk_mod, recurrent_mod = _kernels()
 chunk_gdn2_triton = chunk_mod.chunk_gdn2_triton
 fused_recurrent_step_triton = recurrent_mod.fused_recurrent_step_triton
