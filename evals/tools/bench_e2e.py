@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> Report | None:
     report: Report | None = None
 
     def log(msg: str) -> None:
-        """A progress line; each one also rewrites the report, so a run stopped by a time limit keeps its rows."""
+        """A progress line; each one also rewrites the report, so a run stopped by a time limit keeps its rows
+        (every section appends its row before it logs it, and fills a mix's row as its sweeps go)."""
         print(f"[{time.perf_counter() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)
         if report is not None:
             write(report, out)
@@ -147,16 +148,14 @@ def run(args: argparse.Namespace) -> Report | None:
                  batch_sizes=a.batch_sizes, anchor_batches=a.anchor_batches, gen_batch=a.batch_size,
                  max_batch_tokens=a.max_batch_tokens, decode_prompt=prompt, decode_steps=a.decode_steps,
                  sections=a.sections, seed=a.seed)
-    if hybrid:
-        report = _run_hybrid(a, setup, device, dtype, workdir, bw, flops, prompt, counts, log)
-    else:
-        report = _run_anchor(a, setup, device, dtype, workdir, bw, flops, prompt, counts, log)
+    report = Report(env=environment(device, bw, flops), setup=setup)
+    (_run_hybrid if hybrid else _run_anchor)(a, report, device, dtype, workdir, bw, flops, prompt, counts, log)
     log(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     print(render(report))
     return report
 
 
-def _run_anchor(a, setup, device, dtype, workdir, bw, flops, prompt, counts, log) -> Report:
+def _run_anchor(a, report, device, dtype, workdir, bw, flops, prompt, counts, log) -> None:
     from evals.tools.bench.decode import bench_decode
     from evals.tools.bench.harnesses import anchor_available, anchor_generate_warning, load_anchor, load_ours
     from evals.tools.bench.long import bench_long
@@ -167,9 +166,9 @@ def _run_anchor(a, setup, device, dtype, workdir, bw, flops, prompt, counts, log
     params = sum(p.numel() for p in model.parameters())
     folder = write_fla_kda_folder(model, workdir / f"kda-{a.shape}")
     del model
+    report.setup.update(params=params, folder=str(folder))
     log(f"wrote {folder} ({params / 1e6:.1f}M params)")
-    report = Report(env=environment(device, bw, flops), setup=dict(setup, params=params, folder=str(folder)))
-    ours = load_ours(folder, device, setup["dtype"], a.batch_size, a.max_batch_tokens, a.prefill_chunk)
+    ours = load_ours(folder, device, report.setup["dtype"], a.batch_size, a.max_batch_tokens, a.prefill_chunk)
     report.notes.append(ours.note)
     log(f"loaded ours on {device}")
     if "long" in a.sections:  # first, while only our weights are on the device
@@ -188,10 +187,9 @@ def _run_anchor(a, setup, device, dtype, workdir, bw, flops, prompt, counts, log
         words = word_list(ours.model.config.vocab_size - len(SPECIALS))
         bench_mixes(report, ours, anchor, anchor_why, words, counts, a.length_scale, a.gen_cap, device,
                     a.batch_sizes, a.anchor_batches, a.batch_size, flops, log, a.profile)
-    return report
 
 
-def _run_hybrid(a, setup, device, dtype, workdir, bw, flops, prompt, counts, log) -> Report:
+def _run_hybrid(a, report, device, dtype, workdir, bw, flops, prompt, counts, log) -> None:
     from evals.tools.bench.harnesses import load_ours_model
     from evals.tools.bench.hybrid import hybrid_decode, hybrid_long, hybrid_mixes
     from evals.tools.bench.models import build_model, model_config, write_word_tokenizer
@@ -205,8 +203,7 @@ def _run_hybrid(a, setup, device, dtype, workdir, bw, flops, prompt, counts, log
                                          a.batch_sizes[0], a.max_batch_tokens, a.prefill_chunk))
     hyb, rec = harnesses
     params = {h.name: sum(p.numel() for p in h.model.parameters()) for h in harnesses}
-    report = Report(env=environment(device, bw, flops), setup=dict(setup, params=params["hybrid"], twin=twin,
-                                                                   twin_params=params["recurrent"]))
+    report.setup.update(params=params["hybrid"], twin=twin, twin_params=params["recurrent"])
     report.notes += [hyb.note, rec.note, f"rows per forward {a.batch_sizes[0]}, at most {a.max_batch_tokens} tokens"]
     log(f"built {a.shape} ({params['hybrid'] / 1e6:.1f}M) and {twin} ({params['recurrent'] / 1e6:.1f}M) on {device}")
     if "decode" in a.sections:
@@ -215,7 +212,6 @@ def _run_hybrid(a, setup, device, dtype, workdir, bw, flops, prompt, counts, log
         hybrid_long(report, hyb, rec, a.long_lengths, a.prefill_chunk, device, log)
     if "mixes" in a.sections:
         hybrid_mixes(report, hyb, rec, words, counts, a.length_scale, a.gen_cap, device, a.batch_sizes[0], log)
-    return report
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

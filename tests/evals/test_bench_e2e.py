@@ -293,6 +293,30 @@ def test_mixes_section_sweeps_and_compares_both_harnesses(folder_and_model):
     assert [x["batch"] for x in recall["anchor_sweep"]] == [MIXES["recall"].anchor_batch] and recall["same_text"] == 1
 
 
+def test_a_run_stopped_during_the_anchor_sweep_keeps_ours_in_the_report(folder_and_model, tmp_path):
+    """A time limit killed an H200 run in the anchor's sweep and the report file held nothing: every progress line
+    rewrites the report, and a mix's row is in it (ours measured, the anchor marked) before the anchor runs."""
+    from evals.tools.bench.harnesses import load_ours
+    from evals.tools.bench.mixes import bench_mixes
+
+    folder, model = folder_and_model
+    ours, stand_in = (load_ours(folder, "cpu", "float32", 4, 1 << 14, 64) for _ in range(2))
+    stand_in.name = "anchor"
+    report, out = bench_report.Report(env={}, setup={}), tmp_path / "partial.json"
+
+    def log(msg: str) -> None:
+        out.write_text(json.dumps(report.mixes))  # what write() would save at this line
+        if msg.startswith("mc: anchor batch"):
+            raise KeyboardInterrupt  # the time limit, after the anchor's first batch
+
+    with pytest.raises(KeyboardInterrupt):
+        bench_mixes(report, ours, stand_in, None, word_list(model.config.vocab_size - 3), {"mc": 2}, 0.05, 2,
+                    "cpu", [1, 2], [2, 8], 1, 1e9, log)
+    (mc,) = json.loads(out.read_text())
+    assert [x["batch"] for x in mc["ours_sweep"]] == [1, 2] and mc["ours_req_s"] > 0
+    assert [x["batch"] for x in mc["anchor_sweep"]] == [2] and mc["anchor"].startswith("not measured")
+
+
 def test_bench_kernels_command_exits_0_after_its_table(monkeypatch):
     """run_eval's main takes int() of the command's return: bench kernels returned its Report (a TypeError, exit 2
     on the H200 after the table was printed)."""

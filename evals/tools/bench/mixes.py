@@ -26,10 +26,10 @@ from evals.tools.bench.workload import MIXES, Mix, make_requests, needed_tokens
 
 
 def sweep(h: Harness, mix: Mix, requests: list, device: str, batches: list[int], log: Callable[[str], None],
-          notes: list[str]) -> tuple[list[dict], Pass | None, int | None]:
-    """Time `h` at each batch size: (one row per batch, the fastest pass, its batch). A best at the largest batch
-    of a sweep is noted: a larger one might be faster still."""
-    rows, best, best_batch = [], None, None
+          notes: list[str], rows: list[dict]) -> tuple[Pass | None, int | None]:
+    """Time `h` at each batch size, appending one row per batch to `rows` as it goes: (the fastest pass, its
+    batch). A best at the largest batch of a sweep is noted: a larger one might be faster still."""
+    best, best_batch = None, None
     for b in batches:
         try:
             p = run_requests(h, mix.kind, requests, device, b)
@@ -48,7 +48,7 @@ def sweep(h: Harness, mix: Mix, requests: list, device: str, batches: list[int],
     if len(batches) > 1 and best_batch == max(batches):
         notes.append(f"{h.name} {mix.name}: fastest at the largest batch swept ({best_batch}); a larger one may be "
                      "faster still")
-    return rows, best, best_batch
+    return best, best_batch
 
 
 def compute_floor(model, requests: list, flops_per_s: float) -> dict:
@@ -102,13 +102,13 @@ def bench_mixes(report, ours: Harness, anchor: Harness | None, anchor_why: str |
         mix = MIXES[name]
         ll = mix.kind == "loglikelihood"
         requests = make_requests(mix, words, docs, length_scale, gen_cap=gen_cap)
-        row: dict[str, Any] = dict(mix=name, kind=mix.kind, docs=docs, requests=len(requests), about=mix.about)
-        sweep_rows, best, batch = sweep(ours, mix, requests, device, ours_batches if ll else [gen_batch], log,
-                                        report.notes)
-        row["ours_sweep"] = sweep_rows
+        row: dict[str, Any] = dict(mix=name, kind=mix.kind, docs=docs, requests=len(requests), about=mix.about,
+                                   ours_sweep=[], anchor="not measured (the run stopped first)")
+        report.mixes.append(row)  # filled in as the sweeps go: a stopped run keeps what it measured
+        best, batch = sweep(ours, mix, requests, device, ours_batches if ll else [gen_batch], log, report.notes,
+                            row["ours_sweep"])
         if best is None:
             row["ours"] = "out of memory"
-            report.mixes.append(row)
             continue
         row.update(ours_s=best.seconds, ours_req_s=len(requests) / best.seconds, ours_best_batch=batch,
                    ours_peak_GiB=best.peak_GiB, ours_warmup_s=best.warmup_s)
@@ -121,12 +121,14 @@ def bench_mixes(report, ours: Harness, anchor: Harness | None, anchor_why: str |
             row.update(compute_floor(ours.model, requests, flops_per_s))
             row["ours_over_floor"] = best.seconds / row["compute_floor_s"]
             row["ratio_target"] = mix.ratio_target
+        log(f"{name}: ours best {row['ours_req_s']:.1f} req/s (batch {batch})")
         if anchor is None:
             row["anchor"] = anchor_why.split(" (")[0]
         else:
-            sweep_rows, theirs, abatch = sweep(anchor, mix, requests, device,
-                                               anchor_batches if ll else [mix.anchor_batch], log, report.notes)
-            row["anchor_sweep"] = sweep_rows
+            row["anchor_sweep"] = []
+            theirs, abatch = sweep(anchor, mix, requests, device, anchor_batches if ll else [mix.anchor_batch], log,
+                                   report.notes, row["anchor_sweep"])
+            del row["anchor"]
             if theirs is None:
                 row["anchor"] = "out of memory"
             else:
@@ -139,5 +141,4 @@ def bench_mixes(report, ours: Harness, anchor: Harness | None, anchor_why: str |
                     row["same_text"] = sum(a == b for a, b in zip(best.outputs, theirs.outputs)) / len(requests)
         if ll and "acc_ours" not in row:
             row["acc_ours"] = accuracies(mix, best.outputs, best.outputs, requests)["ours"]
-        report.mixes.append(row)
         log(f"{name}: done")
