@@ -16,10 +16,15 @@ Pass 2 (`_state_pass_kernel`, one program per sequence, value head and dv block)
 in registers: three small matrix products per chunk and no per-chunk state written to memory.
 Intermediates are bf16 for bf16 inputs and fp32 otherwise; the state and every accumulator are fp32.
 
-Speed (H200, evals/tools/bench_results/kernels_h200.txt): the state pass is near its byte count, but pass 1 is
-bound by instruction issue at one 8-warp program per SM (255 registers; layout changes around the tensor-core operands),
-about 2 ms at B8xT2048, H=16, dk=dv=128: 2.2x fla-core's chunk_gdn2. More programs per SM (fewer registers),
-bf16 operands for the 64-row products and 64-row products for pass 1's blocks are the next steps.
+Pass 1 has two kernels: `_intra_chunk_kernel` above (exact for any decay) and, for bf16 inputs at dk = dv = 128,
+chunk_mild.py's `_mild_intra_chunk_kernel` (decay ratios anchored at half the chunk's total, two 64-row bf16
+products) for every chunk whose total decay stays above e^-80; the other chunks reach the exact kernel through a
+device-side worklist, so no host sync decides the split.
+
+Speed (H200, 2026-12-03, evals/tools/bench_results/kernels_h200.txt, side by side with fla-core 0.6.0): 0.626 ms at
+B8xT2048, H=16, dk=dv=128 (fla chunk_gdn2 1.029 ms, chunk_kda 1.349 ms), 0.43-0.65x chunk_gdn2 over the four
+benchmark shapes; the exact kernel alone was 2.2x chunk_gdn2. Left: the mild kernel's register pressure (its
+first version spilled at 4 warps) and, at batch 1, the state pass's serial walk over chunks (about 2.2 us each).
 """
 from __future__ import annotations
 
