@@ -16,10 +16,10 @@ Pass 2 (`_state_pass_kernel`, one program per sequence, value head and dv block)
 in registers: three small matrix products per chunk and no per-chunk state written to memory.
 Intermediates are bf16 for bf16 inputs and fp32 otherwise; the state and every accumulator are fp32.
 
-Pass 1 has two kernels: `_intra_chunk_kernel` above (exact for any decay) and, for bf16 inputs at dk = dv = 128,
-chunk_mild.py's `_mild_intra_chunk_kernel` (decay ratios anchored at half the chunk's total, two 64-row bf16
-products) for every chunk whose total decay stays above e^-80; the other chunks reach the exact kernel through a
-device-side worklist, so no host sync decides the split.
+Pass 1 has two kernels: `_intra_chunk_kernel` above (exact for any decay) and, for bf16 inputs (on GPUs at
+dk = dv = 128), chunk_mild.py's `_mild_intra_chunk_kernel` (decay ratios anchored at half the chunk's total, two
+64-row bf16 products) for every chunk whose total decay stays above e^-80; the other chunks reach the exact kernel
+through a device-side worklist, so no host sync decides the split.
 
 Speed (H200, 2026-12-03, evals/tools/bench_results/kernels_h200.txt, side by side with fla-core 0.6.0): 0.626 ms at
 B8xT2048, H=16, dk=dv=128 (fla chunk_gdn2 1.029 ms, chunk_kda 1.349 ms), 0.43-0.65x chunk_gdn2 over the four
