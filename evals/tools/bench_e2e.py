@@ -131,15 +131,6 @@ def run(args: argparse.Namespace) -> Report | None:
     counts = {**{m.name: m.docs for m in MIXES.values()}, **a.counts}
     out = Path(a.out or f"results/bench/e2e-{a.shape}-{device.split(':')[0]}.md")
     started = time.perf_counter()
-    report: Report | None = None
-
-    def log(msg: str) -> None:
-        """A progress line; each one also rewrites the report, so a run stopped by a time limit keeps its rows
-        (every section appends its row before it logs it, and fills a mix's row as its sweeps go)."""
-        print(f"[{time.perf_counter() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)
-        if report is not None:
-            write(report, out)
-
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="gdn2-bench-e2e-"))
     bw, flops = copy_bandwidth(device), matmul_rate(device, dtype)
     prompt = max(2, round(a.decode_prompt * a.length_scale))
@@ -149,6 +140,13 @@ def run(args: argparse.Namespace) -> Report | None:
                  max_batch_tokens=a.max_batch_tokens, decode_prompt=prompt, decode_steps=a.decode_steps,
                  sections=a.sections, seed=a.seed)
     report = Report(env=environment(device, bw, flops), setup=setup)
+
+    def log(msg: str) -> None:
+        """A progress line; each one also rewrites the report, so a run stopped by a time limit keeps its rows
+        (every section appends its row before it logs it, and fills a mix's row as its sweeps go)."""
+        print(f"[{time.perf_counter() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)
+        write(report, out)
+
     (_run_hybrid if hybrid else _run_anchor)(a, report, device, dtype, workdir, bw, flops, prompt, counts, log)
     log(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     print(render(report))
