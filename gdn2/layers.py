@@ -140,7 +140,8 @@ class Pass:
     cu_seqlens: the packed sequences of a forward pass; None in a decode step (one token per row).
     cache_rows: [N] the ring row each sequence continues when the rings are read by reference (continuations of a
         shared context: several sequences per row); None: row n. Then the SWA layers give each sequence a ring of
-        its own only if keep_cache (the pass's state is used afterwards).
+        its own only if keep_cache.
+    keep_cache: False when the caller discards the state after this pass: the SWA layers then write no ring.
     """
 
     ops: LayerOps
@@ -315,9 +316,12 @@ class GatedDeltaNet2(nn.Module):
         self.in_proj = Stacked(self, [f"{n}.weight" for n in self.in_names])
         self.conv = Stacked(self, [f"{n}_conv1d.weight" for n in "qkv"])
 
-    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+    def state_shapes(self, ring: int | None = None) -> dict[str, tuple[int, ...]]:
         W = self.config.conv_size
         return {"S": (self.HV, self.K, self.V), "conv": (W - 1, 2 * self.H * self.K + self.HV * self.V)}
+
+    def fit_state(self, state: dict[str, torch.Tensor], tokens_ahead: int | None) -> None:
+        """Nothing to fit: the matrix state has one size (see CausalSelfAttention.fit_state)."""
 
     def _project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every input projection of x [rows, d], as column slices of one matmul's output."""
@@ -408,8 +412,21 @@ class CausalSelfAttention(nn.Module):
         self.window = config.local_window
         self.cache_len = max(1, config.local_window - 1)
 
-    def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"k": (self.cache_len, self.nh, self.hs), "v": (self.cache_len, self.nh, self.hs)}
+    def state_shapes(self, ring: int | None = None) -> dict[str, tuple[int, ...]]:
+        """ring: slots per row (default and at most window-1); fewer suit rows that will see fewer tokens."""
+        cap = self.cache_len if ring is None else max(1, min(self.cache_len, ring))
+        return {"k": (cap, self.nh, self.hs), "v": (cap, self.nh, self.hs)}
+
+    def fit_state(self, state: dict[str, torch.Tensor], tokens_ahead: int | None) -> None:
+        """Grow a short ring (fewer than window-1 slots) so it can take `tokens_ahead` more tokens per row (None:
+        to full size), in place of state's entries. A ring shorter than window-1 has never wrapped (every row has
+        seen at most that many tokens), so the key of position p sits in slot p under either size and growing is
+        appending empty slots. Short rings spare memory: a context of 200 tokens needs 200 slots, not 2047."""
+        cap = state["k"].shape[1]
+        want = self.cache_len if tokens_ahead is None else min(self.cache_len, cap + tokens_ahead)
+        if want > cap:
+            for name in ("k", "v"):
+                state[name] = F.pad(state[name], (0, 0, 0, 0, 0, want - cap))
 
     def _qkv(self, x: torch.Tensor, pos: torch.Tensor):
         qkv = self.attn(x).unflatten(-1, (self.nh, 3, self.hs))
@@ -431,9 +448,9 @@ class CausalSelfAttention(nn.Module):
         backend = ctx.ops.backend
         o = sliding_window_attention(q, k, v, state["k"], state["v"], ctx.pos, cu, self.window,
                                      cache_rows=ctx.cache_rows, backend=backend)
+        if not ctx.keep_cache:  # the caller discards the state after this pass
+            return self.proj(o.flatten(-2))
         if ctx.cache_rows is not None:
-            if not ctx.keep_cache:
-                return self.proj(o.flatten(-2))
             state["k"], state["v"] = state["k"][ctx.cache_rows], state["v"][ctx.cache_rows]
         sliding_window_write(k, v, state["k"], state["v"], ctx.pos, cu, backend=backend)
         return self.proj(o.flatten(-2))

@@ -94,12 +94,14 @@ class GPT(nn.Module):
         return self
 
     # ---- state -------------------------------------------------------------------------------------------------
-    def new_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+    def new_state(self, batch_size: int, device: torch.device | str | None = None, ring: int | None = None) -> State:
+        """A zero state. ring: SWA ring slots per row (default window-1); rows that will see at most `ring` tokens
+        need no more, and prefill/step grow a short ring when its rows go further (CausalSelfAttention.fit_state)."""
         device = device or self.lm_head.weight.device
         dtype = self.lm_head.weight.dtype
         layers = []
         for block in self.transformer.h:
-            shapes = block.attn.state_shapes()
+            shapes = block.attn.state_shapes(ring)
             state_dtype = torch.promote_types(torch.float32, dtype)  # fp32 (fp64 for fp64 models)
             layers.append({k: torch.zeros(batch_size, *s, device=device,
                                           dtype=state_dtype if k == "S" else dtype) for k, s in shapes.items()})
@@ -152,14 +154,19 @@ class GPT(nn.Module):
             raise ValueError("every row needs at least one token (lengths >= 1)")
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        longest = int(host_lengths.max()) if B else 0
         parent = None
         if rows is not None:
             if state is None or len(rows) != B:
                 raise ValueError(f"rows= maps each of the {B} batch rows to a row of a given state")
             parent = torch.as_tensor(rows, dtype=torch.long).to(device, non_blocking=True)
             state = self._shared_rows(state, parent)
-        else:
-            state = self.new_state(B, device) if state is None else state.clone()
+        elif state is not None:
+            state = state.clone()
+        if state is None:
+            state = self.new_state(B, device, ring=longest)  # rings of the size these rows need
+        elif return_state or longest > chunk_tokens:  # rings written in this call must take its tokens
+            self._fit_rings(state, longest)
         V = self.config.padded_vocab_size
         ldt = torch.promote_types(torch.float32, self.lm_head.weight.dtype)  # fp32, or fp64 for fp64 models
         out = None
@@ -168,7 +175,7 @@ class GPT(nn.Module):
         elif logits == "last":
             out = torch.zeros(B, V, device=device, dtype=ldt)
         to_dev = lambda t: t.to(device, non_blocking=True)  # noqa: E731  (host-built indices)
-        starts = list(range(0, int(host_lengths.max()) if B else 0, chunk_tokens))
+        starts = list(range(0, longest, chunk_tokens))
         for c0 in starts:
             seg = (host_lengths - c0).clamp(0, chunk_tokens)
             active = (seg > 0).nonzero().squeeze(-1)  # the first chunk holds every row (lengths >= 1)
@@ -194,6 +201,11 @@ class GPT(nn.Module):
                 out[to_dev(active[done])] = self.lm_head(hidden[to_dev((cu[1:] - 1)[done])]).to(ldt)
         return out, (state if return_state else None)
 
+    def _fit_rings(self, state: State, tokens_ahead: int | None) -> None:
+        """Grow short SWA rings of `state` (in place of its entries) to take tokens_ahead more tokens per row."""
+        for block, layer in zip(self.transformer.h, state.layers):
+            block.attn.fit_state(layer, tokens_ahead)
+
     def _shared_rows(self, state: State, parent: torch.Tensor) -> State:
         """A working state whose row i continues state row parent[i]: copies of the small entries, the SWA rings by
         reference (the layers index them through Pass.cache_rows and never write into them)."""
@@ -204,6 +216,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: State, *, backend: str = "auto") -> tuple[torch.Tensor, State]:
         """One token per row (tokens [B]); updates `state` in place and returns logits [B, V] (fp32)."""
+        self._fit_rings(state, None)  # a decode step writes slot pos % (window-1): full rings (a no-op once full)
         x = self.transformer.wte(tokens)
         ctx = Pass(layer_ops(backend, x.device), state.pos)
         for block, layer_state in zip(self.transformer.h, state.layers):

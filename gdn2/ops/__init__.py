@@ -203,8 +203,8 @@ def sliding_window_attention(
     Args:
         q, k, v: [total, nh, hs] packed queries, keys, values (rotary embedding applied), sequences delimited by
             cu_seqlens [N + 1].
-        k_cache, v_cache: [M, window - 1, nh, hs] ring buffers: the key of absolute position p in slot
-            p % (window - 1). Read only.
+        k_cache, v_cache: [M, R, nh, hs] ring buffers, R = window - 1: the key of absolute position p in slot
+            p % R. Read only. A shorter ring (R < window - 1) is valid while its rows have seen at most R tokens.
         pos0: [N] int64 absolute position of each sequence's first token (= tokens its ring row has seen).
         window: query p sees keys max(0, p - window + 1) .. p.
         cache_rows: [N] ring row of each sequence (several sequences may share one: continuations of one context

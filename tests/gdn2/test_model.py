@@ -7,6 +7,7 @@ import torch
 from gdn2.config import Config
 from gdn2.layers import TORCH_OPS, apply_gate_mode
 from gdn2.model import GPT
+from gdn2.state import State
 from tests.conftest import rel_err
 
 PRESETS = ["tiny", "tiny_hybrid"]
@@ -144,12 +145,42 @@ def test_random_init_starts_every_norm_gain_at_one():
 
 
 def test_state_size_does_not_grow_with_the_prompt():
-    """Recurrent layers keep a fixed matrix per head; SWA layers a ring of window-1 keys and values: a hybrid's
-    state after 500 tokens has the bytes it had after 20 (and the window's last keys, not the first)."""
+    """Recurrent layers keep a fixed matrix per head; SWA layers a ring of at most window-1 keys and values: a
+    hybrid's state after 500 tokens has the bytes it has after 1000 (and the window's last keys, not the first);
+    after 20 tokens its rings hold 20 slots, not window-1."""
     m = tiny_model("tiny_hybrid")
     window = m.config.local_window
     _, short = m.prefill(tokens(1, 20))
     _, long = m.prefill(tokens(1, 500))
-    assert short.nbytes() == long.nbytes() == m.new_state(1).nbytes()
+    _, longer = m.prefill(tokens(1, 1000))
+    assert short.nbytes() < long.nbytes() == longer.nbytes() == m.new_state(1).nbytes()
     swa = next(layer for layer, block in zip(long.layers, m.transformer.h) if not block.is_gdn2)
     assert swa["k"].shape[1] == window - 1
+    short_swa = next(layer for layer, block in zip(short.layers, m.transformer.h) if not block.is_gdn2)
+    assert short_swa["k"].shape[1] == 20
+
+
+def test_short_rings_grow_exactly():
+    """States of rows that saw fewer than window-1 tokens have short rings; continuing them by prefill or step,
+    joining them (cat, assign) and loading them into full buffers (load_) gives what full rings give."""
+    m = tiny_model("tiny_hybrid")
+    window = m.config.local_window
+    x = tokens(2, 3 * window)
+    ref, _ = m.prefill(x)
+    _, s = m.prefill(x[:, :10])
+    mid, s = m.prefill(x[:, 10:window + 5], s)  # crosses the window: the ring grows to full size
+    rest, _ = m.prefill(x[:, window + 5:], s)
+    torch.testing.assert_close(torch.cat([mid, rest], 1), ref[:, 10:], rtol=1e-9, atol=1e-9)
+    _, s = m.prefill(x[:, :7])
+    full = m.new_state(2)
+    full.load_(s)
+    joined = State.cat([s.select([0]), full.select([1])])  # 7 slots beside window-1
+    assigned = m.new_state(2, ring=3)
+    assigned.assign([0, 1], s)
+    for state in (s.clone(), full, joined, assigned):
+        rows = state.num_rows
+        logits = []
+        for t in range(7, 7 + window + 3):  # steps past the window: short rings grow to full in step()
+            out, state = m.step(x[:rows, t], state)
+            logits.append(out)
+        torch.testing.assert_close(torch.stack(logits, 1), ref[:rows, 7:7 + window + 3], rtol=1e-9, atol=1e-9)

@@ -140,6 +140,24 @@ def test_torch_step_equals_one_token_prefill(name, dtype):
     assert rel_err(c["k_cache"], want_ring[0]) < 1e-7 and rel_err(c["v_cache"], want_ring[1]) < 1e-7
 
 
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+def test_short_ring_equals_the_full_ring_cut(backend):
+    """A ring of R < window-1 slots whose rows have seen at most R tokens (how GPT.prefill sizes rings for short
+    rows) is the full ring cut after slot R: attention and the write agree with the full ring's."""
+    if backend == "triton":
+        _triton()
+    R, lengths, pos0 = 9, [4, 9, 1, 3], [5, 0, 8, 6]  # pos0 + length <= R everywhere
+    full = case(lengths, pos0, 16, dtype=torch.float32, device=DEV)
+    short = dict(full, k_cache=full["k_cache"][:, :R].clone(), v_cache=full["v_cache"][:, :R].clone())
+    want = sliding_window_attention(**full, backend="naive")
+    assert rel_err(sliding_window_attention(**short, backend=backend).cpu(), want.cpu()) < 1e-6
+    write = "torch" if backend == "naive" else backend
+    for c in (full, short):
+        sliding_window_write(c["k"], c["v"], c["k_cache"], c["v_cache"], c["pos0"], c["cu_seqlens"], backend=write)
+    for name in ("k_cache", "v_cache"):
+        assert torch.equal(short[name], full[name][:, :R])
+
+
 # ---- Triton (interpreter on CPU: fp32, small shapes) ---------------------------------------------------------------
 @pytest.mark.parametrize("name", ["rings partly filled", "rings full and wrapped", "prompts 2-3x the window",
                                   "window of 2"])
