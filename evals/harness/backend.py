@@ -470,7 +470,7 @@ class GDN2LM(TemplateLM):
         """Walk the documents in column chunks, carrying the state; chunk c predicts tokens c0+1 .. c1."""
         tokens, lengths = self._ragged(docs)
         inputs_len = lengths - 1  # the last token is only a target
-        state = self.model.new_state(len(docs))
+        state = self.model.new_state(len(docs), ring=int(inputs_len.max()))  # SWA rings no longer than the docs
         total = torch.zeros(len(docs), dtype=torch.float64, device=self._device)
         C = self.batching.rolling_chunk
         for c0 in range(0, int(inputs_len.max()), C):
