@@ -150,7 +150,7 @@ def test_short_ring_equals_the_full_ring_cut(backend):
     full = case(lengths, pos0, 16, dtype=torch.float32, device=DEV)
     short = dict(full, k_cache=full["k_cache"][:, :R].clone(), v_cache=full["v_cache"][:, :R].clone())
     want = sliding_window_attention(**full, backend="naive")
-    assert rel_err(sliding_window_attention(**short, backend=backend).cpu(), want.cpu()) < 1e-6
+    assert rel_err(sliding_window_attention(**short, backend=backend).cpu(), want.cpu()) < 1e-5
     write = "torch" if backend == "naive" else backend
     for c in (full, short):
         sliding_window_write(c["k"], c["v"], c["k_cache"], c["v_cache"], c["pos0"], c["cu_seqlens"], backend=write)
