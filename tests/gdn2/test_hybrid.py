@@ -181,3 +181,38 @@ def test_gpu_fused_bf16_equals_float64_torch(window, set_tf32):
         graph.advance()
         eager.advance()
         assert torch.equal(graph.tokens, eager.tokens)  # the captured step is the eager step
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_short_rings_grow_like_full_rings(set_tf32):
+    """Fused bf16 path with rings sized to short prompts (fewer tokens than window-1), grown by a continued prefill
+    past the window and by CUDA-graph decode steps, against the float64 torch path that starts from full rings."""
+    from gdn2.generate import Stepper
+
+    set_tf32(False)
+    window = 256
+    cfg = Config.from_name("tiny_hybrid", local_window=window, n_embd=256, n_head=2)  # head size 128
+    fast = GPT(cfg).init_weights(seed=6).cuda().to_dtype(torch.bfloat16).eval()
+    exact = GPT(cfg).cuda().double().eval()
+    exact.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    x = tokens(3, 2 * window, seed=21).cuda()
+    short_len = torch.tensor([30, 7, 100])
+    a, sa = fast.prefill(x[:, :100], lengths=short_len, backend="triton")
+    b, sb = exact.prefill(x[:, :100], exact.new_state(3), lengths=short_len, backend="torch")
+    assert rel_err(a, b) < 1e-2
+    swa = next(i for i, block in enumerate(fast.transformer.h) if not block.is_gdn2)
+    assert sa.layers[swa]["k"].shape[1] == 100 and sb.layers[swa]["k"].shape[1] == window - 1
+    graph = Stepper(fast, 4, graph=True, backend="triton")
+    graph.load(sa, fast.prefill(x[:, :100], lengths=short_len, logits="last", backend="triton")[0])
+    steps = tokens(4, 3, seed=22).cuda()
+    for t in steps:
+        graph.tokens[:3] = t
+        graph.advance()
+    ref_state = sb.clone()
+    for t in steps:
+        _, ref_state = exact.step(t, ref_state, backend="torch")
+    assert rel_err(graph.state.layers[swa]["k"][:3].double(), ref_state.layers[swa]["k"]) < 1e-2
+    more = torch.tensor([window + 50, window, 3])  # past the window: the short rings grow, then wrap
+    a2, _ = fast.prefill(x[:, 100:100 + window + 50], sa, lengths=more, backend="triton")
+    b2, _ = exact.prefill(x[:, 100:100 + window + 50], sb, lengths=more, backend="torch")
+    assert rel_err(a2, b2) < 1e-2
