@@ -29,6 +29,7 @@ from gdn2.ops import (
     sliding_window_write,
 )
 from gdn2.ops.utils import expand_heads, packing_memo
+from gdn2.state import pad_slots
 
 
 # ---- the layer ops: torch versions (any device and dtype, differentiable) -----------------------------------------
@@ -424,9 +425,8 @@ class CausalSelfAttention(nn.Module):
         appending empty slots. Short rings spare memory: a context of 200 tokens needs 200 slots, not 2047."""
         cap = state["k"].shape[1]
         want = self.cache_len if tokens_ahead is None else min(self.cache_len, cap + tokens_ahead)
-        if want > cap:
-            for name in ("k", "v"):
-                state[name] = F.pad(state[name], (0, 0, 0, 0, 0, want - cap))
+        for name in ("k", "v"):
+            state[name] = pad_slots(state[name], want)
 
     def _qkv(self, x: torch.Tensor, pos: torch.Tensor):
         qkv = self.attn(x).unflatten(-1, (self.nh, 3, self.hs))

@@ -48,8 +48,8 @@ class State:
         for mine, theirs in zip(self.layers, other.layers):
             for k in mine:
                 slots = max(mine[k].shape[1], theirs[k].shape[1])
-                mine[k] = _pad_slots(mine[k], slots)
-                mine[k].index_copy_(0, idx, _pad_slots(theirs[k], slots))
+                mine[k] = pad_slots(mine[k], slots)
+                mine[k].index_copy_(0, idx, pad_slots(theirs[k], slots))
         self.pos.index_copy_(0, idx, other.pos)
 
     def load_(self, other: "State") -> None:
@@ -59,8 +59,9 @@ class State:
         for mine, theirs in zip(self.layers, other.layers):
             for k, t in mine.items():
                 src = theirs[k]
-                t.zero_()
                 t[:n, :src.shape[1]].copy_(src)
+                t[:n, src.shape[1]:].zero_()  # slots a short ring lacks
+                t[n:].zero_()
         self.pos[:n].copy_(other.pos)
         self.pos[n:].zero_()
 
@@ -72,7 +73,7 @@ class State:
         """The rows of all states, in order (short rings padded to the longest, as load_ does)."""
         def joined(ts: list[torch.Tensor]) -> torch.Tensor:
             slots = max(t.shape[1] for t in ts)
-            return torch.cat([_pad_slots(t, slots) for t in ts])
+            return torch.cat([pad_slots(t, slots) for t in ts])
 
         layers = [{k: joined([s.layers[i][k] for s in states]) for k in states[0].layers[i]}
                   for i in range(len(states[0].layers))]
@@ -82,8 +83,8 @@ class State:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
 
 
-def _pad_slots(t: torch.Tensor, slots: int) -> torch.Tensor:
+def pad_slots(t: torch.Tensor, slots: int) -> torch.Tensor:
     """t with axis 1 zero-padded to `slots` entries (t itself when it has them): a short ring made longer."""
-    if t.dim() < 2 or t.shape[1] >= slots:
+    if t.shape[1] >= slots:
         return t
     return torch.cat([t, t.new_zeros(t.shape[0], slots - t.shape[1], *t.shape[2:])], dim=1)
