@@ -335,3 +335,17 @@ def test_decode_floor_reads_the_ring_once_and_the_matrix_state_twice():
     gdn = {"S": torch.zeros(2, 3, 4, 4), "conv": torch.zeros(2, 3, 5, dtype=torch.bfloat16)}
     state = State([swa, gdn], torch.zeros(2, dtype=torch.long))
     assert state_traffic_bytes(state) == 2 * 168 * 4 + 2 * (96 * 4 + 30 * 2)
+
+
+def test_decode_floor_counts_the_full_ring_the_step_reads():
+    """A short prompt leaves the prefill's rings cut to it; the step reads the stepper's full-size rings, and the
+    floor must count those (on the H200 a cut ring made the floor 1.6 ms for a step that moves 3.6 ms of bytes)."""
+    from evals.tools.bench.decode import ours_decode, state_traffic_bytes
+    from evals.tools.bench.harnesses import Harness
+
+    model = build_model("tiny_hybrid", seed=2)
+    prompt = 3
+    assert model.config.local_window - 1 > prompt + 1  # the prefill's ring is shorter than the full one
+    row = ours_decode(Harness("hybrid", lm=None, model=model, prefill_chunk=64, backend="torch"), 2, prompt, 1, "cpu")
+    full = model.new_state(2, "cpu")
+    assert row["traffic_bytes"] == state_traffic_bytes(full) and row["state_bytes"] == full.nbytes()
