@@ -28,7 +28,7 @@ def main(n: int) -> int:
     for i in range(n):
         log = logs / f"gpu_tests_{i}.log"
         with log.open("w") as f:
-            runs.append((subprocess.Popen([*PYTEST, "-rfE", *ids[i::n]], stdout=f, stderr=subprocess.STDOUT), log))
+            runs.append((subprocess.Popen([*PYTEST, "-rfEs", *ids[i::n]], stdout=f, stderr=subprocess.STDOUT), log))
     status = 0
     for proc, log in runs:
         status |= proc.wait()
